@@ -1,0 +1,124 @@
+"""The store facade: durable instance writes (thread and asyncio sides) and short reads."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.store.config import StoreConfig
+from appliance.store.db import Database
+from appliance.store.errors import CommitTimeout, StoreClosed
+from appliance.store.index import PutOutcome, Reader, WriteOps
+from appliance.store.records import IncomingInstance
+from appliance.store.writer import Limits, SpaceBudget, Writer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    used_bytes: int
+    file_bytes: int
+    disk_free_bytes: int
+    max_bytes: int
+    patients: int
+    studies: int
+    series: int
+    instances: int
+    chunks: int
+    full_reason: str | None
+
+
+class Store:
+    """One gateway's LMDB store. Writes go through the writer thread; reads are direct."""
+
+    def __init__(self, cfg: StoreConfig, directory: Path, *, map_size: int | None = None) -> None:
+        self.cfg = cfg
+        self.db = Database(directory, map_size=map_size)
+        self._writer = Writer(self.db, Limits(int(cfg.max_bytes), int(cfg.min_free_bytes)))
+        self._writer.start()
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def submit_instance(self, inc: IncomingInstance) -> concurrent.futures.Future:
+        """Queue an instance for the next durable commit; the future gets a PutOutcome."""
+
+        def apply(ops: WriteOps, budget: SpaceBudget) -> PutOutcome:
+            budget.claim(ops.space_need(inc))
+            return ops.put_instance(inc)
+
+        return self._writer.submit(apply, weight=inc.manifest.size)
+
+    def put_instance(self, inc: IncomingInstance, timeout: float | None = None) -> PutOutcome:
+        """Thread side: returns once the instance is durable on disk, or raises StoreError."""
+        fut = self.submit_instance(inc)
+        try:
+            return fut.result(self.cfg.commit_timeout_s if timeout is None else timeout)
+        except concurrent.futures.TimeoutError:
+            raise CommitTimeout("durable commit did not finish in time") from None
+
+    async def async_put_instance(self, inc: IncomingInstance) -> PutOutcome:
+        """Loop side of put_instance."""
+        return await asyncio.wrap_future(self.submit_instance(inc))
+
+    def record_access(self, study_uids: Iterable[str], when: float | None = None) -> None:
+        """Count a retrieval of these studies (usage statistics for eviction); not awaited."""
+        uids = sorted(set(study_uids))
+        stamp = time.time() if when is None else when
+
+        def apply(ops: WriteOps, _budget: SpaceBudget) -> None:
+            for uid in uids:
+                ops.touch_accessed(uid, stamp)
+
+        fut = self._writer.submit(apply)
+        fut.add_done_callback(_log_background_failure)
+
+    def ping(self, timeout: float) -> bool:
+        """True when the writer completes a (empty) commit within `timeout` seconds."""
+        try:
+            self._writer.submit(lambda _ops, _budget: None).result(timeout)
+        except (concurrent.futures.TimeoutError, StoreClosed):
+            return False
+        return True
+
+    # -- reads ----------------------------------------------------------------------------
+
+    @contextmanager
+    def reader(self) -> Iterator[Reader]:
+        """A consistent read view; keep it short (an open reader pins old pages)."""
+        with self.db.read() as txn:
+            yield Reader(txn, self.db.tables)
+
+    def read_instance(self, sop_instance_uid: str) -> bytes | None:
+        """The instance's bytes exactly as received (verified), or None."""
+        with self.reader() as r:
+            return r.instance_bytes(sop_instance_uid)
+
+    def stats(self) -> StoreStats:
+        with self.db.read() as txn:
+            used = self.db.used_bytes(txn)
+            counts = Reader(txn, self.db.tables).counts()
+        return StoreStats(
+            used_bytes=used,
+            file_bytes=self.db.file_bytes(),
+            disk_free_bytes=self.db.disk_free(),
+            max_bytes=int(self.cfg.max_bytes),
+            full_reason=self._writer.full_reason,
+            **counts,
+        )
+
+    def close(self) -> None:
+        """Commit everything queued, then close the environment."""
+        self._writer.stop()
+        self.db.close()
+
+
+def _log_background_failure(fut: concurrent.futures.Future) -> None:
+    if (exc := fut.exception()) is not None:
+        log.warning("usage statistics not recorded: %s", exc)
