@@ -1,0 +1,1 @@
+"""The DICOM node: pynetdicom SCP handlers and SCU senders."""

@@ -1,0 +1,156 @@
+"""Which attributes the index keeps at each query/retrieve level, and their JSON form.
+
+The key lists follow the Patient Root and Study Root information models (PS3.4 C.6.1.1 and
+C.6.2.1) plus attributes workstations commonly ask for. Keys outside these lists are answered
+with a zero-length value, as PS3.4 C.4.1.2.3 allows for keys an SCP does not support.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+PATIENT_KEYS = (
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientSex",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "EthnicGroup",
+    "PatientComments",
+)
+STUDY_KEYS = (
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "ReferringPhysicianName",
+    "StudyDescription",
+    "NameOfPhysiciansReadingStudy",
+    "AdmittingDiagnosesDescription",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "Occupation",
+    "AdditionalPatientHistory",
+    "InstitutionName",
+)
+SERIES_KEYS = (
+    "SeriesInstanceUID",
+    "Modality",
+    "SeriesNumber",
+    "SeriesDescription",
+    "SeriesDate",
+    "SeriesTime",
+    "BodyPartExamined",
+    "ProtocolName",
+    "Laterality",
+    "PerformedProcedureStepStartDate",
+    "PerformedProcedureStepStartTime",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "StationName",
+    "OperatorsName",
+    "PerformingPhysicianName",
+)
+INSTANCE_KEYS = (
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "InstanceNumber",
+    "ContentDate",
+    "ContentTime",
+    "AcquisitionNumber",
+    "AcquisitionDate",
+    "AcquisitionTime",
+    "ImageType",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "BitsAllocated",
+    "PhotometricInterpretation",
+    "ImageComments",
+    "SliceLocation",
+    "SliceThickness",
+)
+
+LEVEL_KEYS = {
+    "PATIENT": PATIENT_KEYS,
+    "STUDY": STUDY_KEYS,
+    "SERIES": SERIES_KEYS,
+    "IMAGE": INSTANCE_KEYS,
+}
+
+# Attributes the SCP computes from the index rather than stores (PS3.4 C.3.4).
+COMPUTED_KEYS = {
+    "NumberOfPatientRelatedStudies",
+    "NumberOfPatientRelatedSeries",
+    "NumberOfPatientRelatedInstances",
+    "NumberOfStudyRelatedSeries",
+    "NumberOfStudyRelatedInstances",
+    "NumberOfSeriesRelatedInstances",
+    "ModalitiesInStudy",
+    "SOPClassesInStudy",
+    "AvailableTransferSyntaxUID",
+}
+
+_BINARY_NUMBERS = {"US", "UL", "SS", "SL", "FL", "FD", "SV", "UV"}
+
+
+def vr_of(keyword: str) -> str:
+    """The dictionary VR of a keyword (first choice for ambiguous VRs like US or SS)."""
+    return dictionary_VR(tag_for_keyword(keyword)).split(" or ")[0]
+
+
+def to_json_value(value: Any, vr: str) -> Any:
+    """A pydicom element value as the index stores it: str, number, list, or None if empty."""
+    if value is None or value == "" or (isinstance(value, (list, MultiValue)) and not value):
+        return None
+    if isinstance(value, (list, MultiValue)):
+        return [_scalar(v, vr) for v in value]
+    return _scalar(value, vr)
+
+
+def _scalar(value: Any, vr: str) -> Any:
+    if vr in _BINARY_NUMBERS:
+        return value if isinstance(value, (int, float)) else None
+    # IS/DS keep their string form (pydicom's IS/DSfloat str() returns the original text);
+    # PN keeps all component groups (alphabetic=ideographic=phonetic).
+    return str(value)
+
+
+class KeyTable:
+    """Keywords with their tags and VRs resolved once (pydicom's keyword lookup is slow on
+    the ingest hot path)."""
+
+    def __init__(self, keywords: tuple[str, ...]) -> None:
+        self.entries = tuple((tag_for_keyword(kw), kw, vr_of(kw)) for kw in keywords)
+
+    def extract(self, ds: Dataset, present: set[int] | None = None) -> dict[str, Any]:
+        """The stored form of the table's attributes in `ds`; absent or empty ones left out.
+
+        `present` is the set of tags in `ds`, when the caller already has it."""
+        tags = set(ds.keys()) if present is None else present
+        out: dict[str, Any] = {}
+        for tag, keyword, vr in self.entries:
+            if tag not in tags:
+                continue
+            try:
+                value = to_json_value(ds[tag].value, vr)
+            except Exception:  # an undecodable value is not indexed; the bytes are kept as sent
+                continue
+            if value is not None:
+                out[keyword] = value
+        return out
+
+
+PATIENT = KeyTable(PATIENT_KEYS)
+STUDY = KeyTable(STUDY_KEYS)
+SERIES = KeyTable(SERIES_KEYS)
+INSTANCE = KeyTable(INSTANCE_KEYS)
