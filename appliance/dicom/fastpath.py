@@ -234,9 +234,14 @@ def _send_msg(self: Any, primitive: Any, context_id: int) -> None:
 
 class RawInstance(Dataset):
     """A stored instance to send in C-GET/C-MOVE sub-operations: it carries the bytes exactly
-    as received; only the attributes pynetdicom needs to pick a context are decoded."""
+    as received; only the attributes pynetdicom needs to pick a context are decoded.
 
-    def __init__(self, raw: bytes, sop_class_uid: str, sop_instance_uid: str, ts: str) -> None:
+    `raw=None` marks an instance that could not be read: encoding it fails, which pynetdicom
+    counts as a failed sub-operation and lists in FailedSOPInstanceUIDList."""
+
+    def __init__(
+        self, raw: bytes | None, sop_class_uid: str, sop_instance_uid: str, ts: str
+    ) -> None:
         super().__init__()
         self.SOPClassUID = UID(sop_class_uid)
         self.SOPInstanceUID = UID(sop_instance_uid)
@@ -245,13 +250,15 @@ class RawInstance(Dataset):
         self._raw = raw
 
     @property
-    def raw(self) -> bytes:
+    def raw(self) -> bytes | None:
         return self._raw
 
 
 def _encode_passthrough(original: Any) -> Any:
     def encode(ds: Any, is_implicit_vr: bool, is_little_endian: bool, deflated: bool = False):
         if isinstance(ds, RawInstance):
+            if ds.raw is None:
+                raise ValueError(f"instance {ds.SOPInstanceUID} could not be read")
             ts = ds.file_meta.TransferSyntaxUID
             if (ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated) == (
                 is_implicit_vr,
