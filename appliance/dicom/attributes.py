@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
@@ -125,6 +127,28 @@ def _scalar(value: Any, vr: str) -> Any:
     return str(value)
 
 
+_SPECIFIC_CHARACTER_SET = 0x00080005
+
+
+def encodings_of(ds: Dataset) -> list[str]:
+    """The Python codecs for the data set's Specific Character Set (PS3.3 C.12.1.1.2)."""
+    elem = element(ds, _SPECIFIC_CHARACTER_SET, None)
+    return convert_encodings(elem.value if elem is not None else None)
+
+
+def element(ds: Dataset, tag: int, encodings: list[str] | None) -> DataElement | None:
+    """The converted element `tag` of `ds`, or None.
+
+    Converts the raw element directly: on the ingest hot path, Dataset.__getitem__'s generic
+    bookkeeping costs as much as the conversion itself."""
+    raw = ds.get_item(tag)
+    if raw is None or isinstance(raw, DataElement):
+        return raw
+    if isinstance(raw, RawDataElement):
+        return convert_raw_data_element(raw, encoding=encodings, ds=ds)
+    return None  # a nested Dataset (not a top-level element)
+
+
 class KeyTable:
     """Keywords with their tags and VRs resolved once (pydicom's keyword lookup is slow on
     the ingest hot path)."""
@@ -132,17 +156,16 @@ class KeyTable:
     def __init__(self, keywords: tuple[str, ...]) -> None:
         self.entries = tuple((tag_for_keyword(kw), kw, vr_of(kw)) for kw in keywords)
 
-    def extract(self, ds: Dataset, present: set[int] | None = None) -> dict[str, Any]:
-        """The stored form of the table's attributes in `ds`; absent or empty ones left out.
-
-        `present` is the set of tags in `ds`, when the caller already has it."""
-        tags = set(ds.keys()) if present is None else present
+    def extract(self, ds: Dataset, present: set[int], encodings: list[str]) -> dict[str, Any]:
+        """The stored form of the table's attributes in `ds` (whose tags are `present`);
+        absent or empty ones are left out."""
         out: dict[str, Any] = {}
         for tag, keyword, vr in self.entries:
-            if tag not in tags:
+            if tag not in present:
                 continue
             try:
-                value = to_json_value(ds[tag].value, vr)
+                elem = element(ds, tag, encodings)
+                value = None if elem is None else to_json_value(elem.value, vr)
             except Exception:  # an undecodable value is not indexed; the bytes are kept as sent
                 continue
             if value is not None:

@@ -12,6 +12,13 @@ SCP spends ~4 ms per 525 KB instance, of which only ~1 ms is work:
 - pynetdicom sets neither TCP_NODELAY nor TCP_QUICKACK. Against Nagle-on peers (Debian's
   DCMTK and Orthanc by default) every message then waits for a delayed ACK (~40 ms): we set
   NODELAY and re-arm QUICKACK before each read;
+- hashing a received instance only after it fully arrived costs ~0.4 ms per CT slice on the
+  critical path; `HashingBuffer` hashes each P-DATA fragment as the DUL thread stores it,
+  while the rest of the data set is still on the wire;
+- pynetdicom accepts the first transfer syntax of *its own* list that the requestor proposed;
+  `_prefer_requestor_order` re-picks the requestor's first supported one, so a modality
+  offering "JPEG lossless, then uncompressed" keeps its compression and DCMTK's explicit-VR-
+  first proposals are honoured (PS3.8 9.3.3.2 leaves the choice to the acceptor);
 - C-GET/C-MOVE sub-operations re-encode each dataset; `RawInstance` carries the stored bytes
   so they go out exactly as received (no silent transcoding, no decode cost).
 
@@ -42,12 +49,16 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 from pynetdicom import _config as pynetdicom_config
+from pynetdicom import acse as _acse
 from pynetdicom import association as _association
 from pynetdicom import dimse as _dimse
 from pynetdicom import dul as _dul
 from pynetdicom import evt
+from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
+
+from appliance.store.chunking import StreamHasher
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +90,27 @@ def install() -> bool:
     _dul.time = shim  # type: ignore[attr-defined]
     _association.time = shim  # type: ignore[attr-defined]
     _association.encode = _encode_passthrough(_association.encode)  # type: ignore[attr-defined]
+    _acse.negotiate_as_acceptor = _prefer_requestor_order(_acse.negotiate_as_acceptor)
     _installed = True
     return True
+
+
+def _prefer_requestor_order(negotiate: Any) -> Any:
+    def negotiate_as_acceptor(rq_contexts: Any, ac_contexts: Any, roles: Any = None) -> Any:
+        result, result_roles = negotiate(rq_contexts, ac_contexts, roles)
+        supported = {cx.abstract_syntax: set(cx.transfer_syntax) for cx in ac_contexts}
+        requested = {cx.context_id: cx for cx in rq_contexts}
+        for cx in result:
+            rq = requested.get(cx.context_id)
+            if cx.result != 0x00 or rq is None:
+                continue
+            ours = supported.get(cx.abstract_syntax, set())
+            first = next((ts for ts in rq.transfer_syntax if ts in ours), None)
+            if first is not None:
+                cx.transfer_syntax = [first]
+        return result, result_roles
+
+    return negotiate_as_acceptor
 
 
 def _wakeable_sleep(seconds: float) -> None:
@@ -156,6 +186,28 @@ def tune_association(assoc: _association.Association) -> None:
     dimse.msg_queue = _SignallingQueue(message_ready.set, list(dimse.msg_queue.queue))
     assoc._dicomesh_wait = assoc_wait  # type: ignore[attr-defined]
     dimse.send_msg = types.MethodType(_send_msg, dimse)  # type: ignore[method-assign]
+    receive = dimse.receive_primitive
+
+    def receive_primitive(primitive: P_DATA) -> None:
+        if dimse.message is None:  # a new message starts: collect its data set hashing
+            dimse.message = DIMSEMessage()
+            dimse.message.data_set = HashingBuffer()
+        receive(primitive)
+
+    dimse.receive_primitive = receive_primitive  # type: ignore[method-assign]
+
+
+class HashingBuffer(BytesIO):
+    """The buffer a received data set is assembled in, hashing each fragment on arrival."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hasher = StreamHasher()
+
+    def write(self, data: Any) -> int:
+        written = super().write(data)
+        self.hasher.update(data)
+        return written
 
 
 def _recv_quickack(self: Any, nr_bytes: int) -> bytearray:

@@ -181,8 +181,13 @@ class Database:
         return st.f_bavail * st.f_frsize
 
     def close(self) -> None:
+        """Close the environment and release the lock; repeat calls do nothing (the lock's
+        descriptor number may already belong to another file)."""
+        if self._lock_fd < 0:
+            return
         self.env.close()
         os.close(self._lock_fd)
+        self._lock_fd = -1
 
 
 def _fs_total(path: Path) -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 import lmdb
+import zstandard
 
 from appliance.store import chunking
 from appliance.store.db import Tables
@@ -67,15 +68,27 @@ class WriteOps:
         )
         return SpaceNeed(fresh)
 
+    def is_duplicate(self, inc: IncomingInstance) -> bool:
+        """True when these exact bytes are already stored under the instance's UID."""
+        sop = inc.manifest.sop_instance_uid
+        raw = self.txn.get(sop.encode(), db=self.t.instances)
+        return raw is not None and InstanceRecord.decode(sop, raw).sha256 == inc.manifest.sha256
+
     def put_instance(self, inc: IncomingInstance) -> PutOutcome:
         sop = inc.manifest.sop_instance_uid
         outcome = PutOutcome.STORED
         old_raw = self.txn.get(sop.encode(), db=self.t.instances)
+        kept_usage: tuple[str, bytes] | None = None
         if old_raw is not None:
             # Identical bytes are a re-send (a modality retrying after a lost response): no-op.
             # Different bytes under the same UID are a corrected version: the newer one wins.
-            if InstanceRecord.decode(sop, old_raw).sha256 == inc.manifest.sha256:
+            old = InstanceRecord.decode(sop, old_raw)
+            if old.sha256 == inc.manifest.sha256:
                 return PutOutcome.DUPLICATE
+            # Deleting the old version drops the usage of a study it was alone in; the study
+            # lives on with the new version, and so does its history.
+            usage = self.txn.get(old.study_uid.encode(), db=self.t.usage)
+            kept_usage = None if usage is None else (old.study_uid, bytes(usage))
             self.delete_instance(sop)
             outcome = PutOutcome.REPLACED
 
@@ -119,6 +132,8 @@ class WriteOps:
         self.txn.put(patient.key.encode(), patient.encode(), db=self.t.patients)
         self.txn.put(study.uid.encode(), study.encode(), db=self.t.studies)
         self.txn.put(series.uid.encode(), series.encode(), db=self.t.series)
+        if kept_usage is not None and kept_usage[0] == study.uid:
+            self.txn.put(study.uid.encode(), kept_usage[1], db=self.t.usage, overwrite=False)
         self._touch_stored(study.uid, inc.received_at)
         return outcome
 
@@ -350,7 +365,12 @@ class Reader:
             if meta is None or stored is None:
                 raise CorruptData(f"instance {uid}: chunk {ref.digest.hex()[:16]} missing")
             _, codec = _REF.unpack(meta)
-            parts.append(chunking.decode(codec, stored, ref.size))
+            try:
+                parts.append(chunking.decode(codec, stored, ref.size))
+            except (ValueError, zstandard.ZstdError):
+                raise CorruptData(
+                    f"instance {uid}: chunk {ref.digest.hex()[:16]} cannot be decoded"
+                ) from None
         data = b"".join(parts)
         if len(data) != manifest.size or hashlib.sha256(data).digest() != manifest.sha256:
             raise CorruptData(f"instance {uid}: stored bytes do not match their SHA-256")

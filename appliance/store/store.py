@@ -50,6 +50,9 @@ class Store:
         """Queue an instance for the next durable commit; the future gets a PutOutcome."""
 
         def apply(ops: WriteOps, budget: SpaceBudget) -> PutOutcome:
+            # A re-send takes no space: it is acknowledged even when the store is full.
+            if ops.is_duplicate(inc):
+                return PutOutcome.DUPLICATE
             budget.claim(ops.space_need(inc))
             return ops.put_instance(inc)
 

@@ -22,7 +22,7 @@ import lmdb
 
 from appliance.store.db import Database
 from appliance.store.errors import StoreClosed, StoreError, StoreFull
-from appliance.store.index import SpaceNeed, WriteOps
+from appliance.store.index import PutOutcome, SpaceNeed, WriteOps
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 # that a transaction stays short and one failing batch is cheap to retry one by one.
 MAX_BATCH_OPS = 64
 MAX_BATCH_BYTES = 64 << 20
+# An EIO from a commit while less than this is free on the filesystem is the disk filling up.
+_SHORT_WRITE_FREE = 1 << 20
 
 
 @dataclass
@@ -139,7 +141,7 @@ class Writer(threading.Thread):
                 self._fallback(batch, StoreFull("store map is full and the disk allows no more"))
                 return
             except lmdb.Error as exc:
-                self._fallback(batch, _commit_error(exc))
+                self._fallback(batch, self._commit_error(exc))
                 return
             self.last_commit = time.monotonic()
             for op, result in zip(batch, results, strict=True):
@@ -147,7 +149,8 @@ class Writer(threading.Thread):
                     self._note_failure(result)
                     op.future.set_exception(result)
                 else:
-                    if op.weight:
+                    # A re-send (DUPLICATE) took no space: it says nothing about room again.
+                    if op.weight and result is not PutOutcome.DUPLICATE:
                         self._note_success()
                     op.future.set_result(result)
             return
@@ -186,6 +189,15 @@ class Writer(threading.Thread):
                     results.append(result)
         return results  # the with-block committed with sync
 
+    def _commit_error(self, exc: lmdb.Error) -> StoreError:
+        code = getattr(exc, "code", None)
+        # LMDB turns a write cut short by a full filesystem into EIO (mdb.c mdb_page_flush:
+        # "short write, filesystem full?"); only a write that stored nothing gives ENOSPC.
+        if code == errno.ENOSPC or (code == errno.EIO and self._db.disk_free() < _SHORT_WRITE_FREE):
+            return StoreFull("disk full")
+        log.error("store commit failed: %s", exc)
+        return StoreError(f"store commit failed: {exc}")
+
     def _note_failure(self, exc: BaseException) -> None:
         if isinstance(exc, StoreFull) and self.full_reason is None:
             self.full_reason = str(exc)
@@ -195,10 +207,3 @@ class Writer(threading.Thread):
         if self.full_reason is not None:
             log.info("store accepts instances again (was: %s)", self.full_reason)
             self.full_reason = None
-
-
-def _commit_error(exc: lmdb.Error) -> StoreError:
-    if getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc):
-        return StoreFull("disk full")
-    log.error("store commit failed: %s", exc)
-    return StoreError(f"store commit failed: {exc}")
