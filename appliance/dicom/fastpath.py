@@ -139,12 +139,15 @@ class _SignallingQueue(queue.Queue):
         self._notify()
 
 
-def tune_association(assoc: _association.Association) -> None:
-    """Apply NODELAY/QUICKACK, event-driven reactor waits and the fast RSP encoder."""
+def tune_association(assoc: _association.Association, wrapper: Any = None) -> None:
+    """Apply NODELAY/QUICKACK, event-driven reactor waits and the fast RSP encoder.
+
+    `wrapper` is the association's AssociationSocket when it is not attached yet (outgoing
+    associations are tuned while pynetdicom creates their socket)."""
     if getattr(assoc, "_dicomesh_tuned", False):
         return
     assoc._dicomesh_tuned = True  # type: ignore[attr-defined]
-    wrapper = assoc.dul.socket
+    wrapper = wrapper if wrapper is not None else assoc.dul.socket
     raw = getattr(wrapper, "socket", None)
     if isinstance(raw, socket.socket) and raw.family in (socket.AF_INET, socket.AF_INET6):
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -98,7 +98,7 @@ class GatewayAE(AE):
         self, assoc: Association, address: AddressInformation, tls_args: Any
     ) -> AssociationSocket:
         sock = super()._create_socket(assoc, address, tls_args)
-        fastpath.tune_association(assoc)
+        fastpath.tune_association(assoc, sock)
         return sock
 
 
