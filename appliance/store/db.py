@@ -112,20 +112,24 @@ class Database:
         except BaseException:
             os.close(self._lock_fd)
             raise
-        # A kill -9 leaves reader slots of the dead process behind; they would pin old pages
-        # and make the file grow forever.
-        stale = self.env.reader_check()
-        if stale:
-            log.info("cleared %d stale LMDB reader slot(s)", stale)
-        self.tables = Tables(
-            **{
-                name: self.env.open_db(name.encode(), dupsort=name in _DUPSORT)
-                for name in Tables.__dataclass_fields__
-            }
-        )
-        self._main = self.env.open_db()
-        self.gate = _ReadGate()
-        self._check_schema()
+        try:
+            # A kill -9 leaves reader slots of the dead process behind; they would pin old
+            # pages and make the file grow forever.
+            stale = self.env.reader_check()
+            if stale:
+                log.info("cleared %d stale LMDB reader slot(s)", stale)
+            self.tables = Tables(
+                **{
+                    name: self.env.open_db(name.encode(), dupsort=name in _DUPSORT)
+                    for name in Tables.__dataclass_fields__
+                }
+            )
+            self._main = self.env.open_db()
+            self.gate = _ReadGate()
+            self._check_schema()
+        except BaseException:
+            self.close()  # a refused store stays unlocked: a retry must not see StoreLocked
+            raise
 
     def _check_schema(self) -> None:
         with self.env.begin(write=True) as txn:

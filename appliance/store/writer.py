@@ -129,7 +129,14 @@ class Writer(threading.Thread):
                     break
                 batch.append(op)
                 weight += op.weight
-            self._run_batch(batch)
+            try:
+                self._run_batch(batch)
+            except Exception as exc:  # e.g. remapping failed: this batch fails, the writer lives
+                log.exception("store batch failed")
+                error = StoreError(f"internal store error: {exc.__class__.__name__}")
+                for op in batch:
+                    if not op.future.done():
+                        op.future.set_exception(error)
 
     def _run_batch(self, batch: list[_Op]) -> None:
         while True:
