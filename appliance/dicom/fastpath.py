@@ -19,6 +19,11 @@ SCP spends ~4 ms per 525 KB instance, of which only ~1 ms is work:
   `_prefer_requestor_order` re-picks the requestor's first supported one, so a modality
   offering "JPEG lossless, then uncompressed" keeps its compression and DCMTK's explicit-VR-
   first proposals are honoured (PS3.8 9.3.3.2 leaves the choice to the acceptor);
+- sending a C-STORE-RQ (C-GET/C-MOVE sub-operations) to a peer with 16 KB PDUs takes one
+  trip through the DUL thread's state machine per fragment (~33 per CT slice), plus a
+  pydicom-encoded command set; `encode_store_rq` and `encode_pdata` build the same bytes
+  directly and the DUL writes them in one call; and the sending thread no longer waits up to
+  1 ms for the association's reactor to notice it should pause;
 - C-GET/C-MOVE sub-operations re-encode each dataset; `RawInstance` carries the stored bytes
   so they go out exactly as received (no silent transcoding, no decode cost).
 
@@ -189,6 +194,10 @@ def tune_association(assoc: _association.Association, wrapper: Any = None) -> No
     dimse.msg_queue = _SignallingQueue(message_ready.set, list(dimse.msg_queue.queue))
     assoc._dicomesh_wait = assoc_wait  # type: ignore[attr-defined]
     dimse.send_msg = types.MethodType(_send_msg, dimse)  # type: ignore[method-assign]
+    dul._send = types.MethodType(_dul_send, dul)  # type: ignore[method-assign]
+    # send_c_store() clears this event and polls until the reactor parks on it: wake the
+    # reactor's wait at once instead of after its 1 ms tick.
+    assoc._reactor_checkpoint = _WakingEvent(message_ready, assoc._reactor_checkpoint.is_set())
     receive = dimse.receive_primitive
 
     def receive_primitive(primitive: P_DATA) -> None:
@@ -198,6 +207,20 @@ def tune_association(assoc: _association.Association, wrapper: Any = None) -> No
         receive(primitive)
 
     dimse.receive_primitive = receive_primitive  # type: ignore[method-assign]
+
+
+class _WakingEvent(threading.Event):
+    """A threading.Event whose clear() also sets `wake`."""
+
+    def __init__(self, wake: threading.Event, initially_set: bool) -> None:
+        super().__init__()
+        self._wake = wake
+        if initially_set:
+            self.set()
+
+    def clear(self) -> None:
+        super().clear()
+        self._wake.set()
 
 
 class HashingBuffer(BytesIO):
@@ -236,6 +259,7 @@ def _recv_quickack(self: Any, nr_bytes: int) -> bytearray:
 # -- C-STORE-RSP encoder ------------------------------------------------------------------
 
 _ORIGINAL_SEND_MSG = _dimse.DIMSEServiceProvider.send_msg
+_ORIGINAL_DUL_SEND = _dul.DULServiceProvider._send
 
 
 def _element(element: int, value: bytes) -> bytes:
@@ -263,7 +287,97 @@ def encode_store_rsp(primitive: C_STORE) -> bytes:
     return _element(0x0000, struct.pack("<I", len(body))) + body
 
 
+def _ae(value: str) -> bytes:
+    raw = value.encode("ascii")
+    return raw + b" " if len(raw) % 2 else raw  # AE pads with a space (PS3.5 6.2)
+
+
+def _us(value: int) -> bytes:
+    return struct.pack("<H", value)
+
+
+def encode_store_rq(primitive: C_STORE) -> bytes:
+    """The command set of a C-STORE-RQ with a data set (PS3.7 9.3.1.1)."""
+    parts = [
+        _element(0x0002, _uid(str(primitive.AffectedSOPClassUID))),
+        _element(0x0100, _us(0x0001)),
+        _element(0x0110, _us(primitive.MessageID)),
+        _element(0x0700, _us(primitive.Priority)),
+        _element(0x0800, _us(0x0001)),  # a data set follows
+        _element(0x1000, _uid(str(primitive.AffectedSOPInstanceUID))),
+    ]
+    if primitive.MoveOriginatorApplicationEntityTitle is not None:
+        parts.append(_element(0x1030, _ae(primitive.MoveOriginatorApplicationEntityTitle)))
+    if primitive.MoveOriginatorMessageID is not None:
+        parts.append(_element(0x1031, _us(primitive.MoveOriginatorMessageID)))
+    body = b"".join(parts)
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
+def encode_pdata(context_id: int, command: bytes, data: bytes, max_pdu: int) -> bytes:
+    """P-DATA-TF PDUs carrying a DIMSE message, fragmented for a peer's maximum PDU length
+    exactly as pynetdicom fragments it (PS3.8 9.3.5, E.2)."""
+    step = max_pdu - 6 if max_pdu else 0  # 6: PDV item length, context ID, control header
+    out: list[bytes] = []
+    for payload, more, last in ((command, 0x01, 0x03), (data, 0x00, 0x02)):
+        view = memoryview(payload)
+        pieces = [view[i : i + step] for i in range(0, len(view), step)] if step else [view]
+        for n, piece in enumerate(pieces):
+            control = last if n == len(pieces) - 1 else more
+            item_length = len(piece) + 2
+            out.append(struct.pack(">BBIIBB", 0x04, 0, item_length + 4, item_length,
+                                   context_id, control))  # fmt: skip
+            out.append(piece)
+    return b"".join(out)
+
+
+class _Encoded(bytes):
+    """A P-DATA value standing for whole, already encoded P-DATA-TF PDUs (`.wire`)."""
+
+    wire: bytes
+
+
+def _dul_send(self: Any, pdu: Any) -> None:
+    """DULServiceProvider._send that writes pre-encoded PDUs as they are."""
+    items = getattr(pdu, "presentation_data_value_items", None)
+    if items and len(items) == 1 and isinstance(items[0].presentation_data_value, _Encoded):
+        wrapper = self.socket
+        if wrapper is None or wrapper.socket is None:
+            log.warning("attempted to send data over a closed connection")
+            return
+        try:
+            wrapper.socket.sendall(items[0].presentation_data_value.wire)
+        except OSError:
+            self.event_queue.put("Evt17")  # transport closed, as AssociationSocket.send does
+        return
+    _ORIGINAL_DUL_SEND(self, pdu)
+
+
+def _send_store_rq(self: Any, primitive: C_STORE, context_id: int) -> bool:
+    if self.assoc.get_handlers(evt.EVT_PDU_SENT) or self.assoc.get_handlers(evt.EVT_DATA_SENT):
+        return False  # someone observes individual PDUs: let pynetdicom produce them
+    dataset = primitive.DataSet
+    if not isinstance(dataset, BytesIO) or primitive.MessageID is None:
+        return False
+    data = dataset.getvalue()
+    if not data or primitive.AffectedSOPClassUID is None or primitive.Priority is None:
+        return False
+    marker = _Encoded(b"\x00")
+    marker.wire = encode_pdata(context_id, encode_store_rq(primitive), data, self.maximum_pdu_size)
+    pdata = P_DATA()
+    pdata.presentation_data_value_list.append((context_id, marker))
+    self.dul.send_pdu(pdata)
+    return True
+
+
 def _send_msg(self: Any, primitive: Any, context_id: int) -> None:
+    if (
+        type(primitive) is C_STORE
+        and primitive.MessageIDBeingRespondedTo is None
+        and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)
+        and _send_store_rq(self, primitive, context_id)
+    ):
+        return
     if (
         type(primitive) is C_STORE
         and primitive.MessageIDBeingRespondedTo is not None
