@@ -51,3 +51,33 @@ def test_pdata_stream_matches_pynetdicom(max_pdu, size):
     reference.primitive_to_message(p)
     expected = b"".join(P_DATA_TF(pd).encode() for pd in reference.encode_msg(5, max_pdu))
     assert encode_pdata(5, encode_store_rq(p), data, max_pdu) == expected
+
+
+@pytest.mark.parametrize("kind", ["get", "move"])
+@pytest.mark.parametrize(
+    ("status", "counts"),
+    [
+        (0xFF00, (5, 1, 0, 0)),  # pending after a sub-operation
+        (0x0000, (None, 300, 0, 0)),  # final success: no remaining count
+        (0xB000, (None, 298, 2, 0)),  # final warning (FailedSOPInstanceUIDList is separate)
+    ],
+)
+def test_retrieve_rsp_command_matches_pynetdicom(kind, status, counts):
+    from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP
+    from pynetdicom.dimse_primitives import C_GET, C_MOVE
+
+    from appliance.dicom.fastpath import encode_retrieve_rsp
+
+    primitive = (C_GET if kind == "get" else C_MOVE)()
+    primitive.MessageIDBeingRespondedTo = 3
+    primitive.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.3"
+    primitive.Status = status
+    (
+        primitive.NumberOfRemainingSuboperations,
+        primitive.NumberOfCompletedSuboperations,
+        primitive.NumberOfFailedSuboperations,
+        primitive.NumberOfWarningSuboperations,
+    ) = counts
+    reference = (C_GET_RSP if kind == "get" else C_MOVE_RSP)()
+    reference.primitive_to_message(primitive)
+    assert encode_retrieve_rsp(primitive) == encode(reference.command_set, True, True)

@@ -60,7 +60,7 @@ from pynetdicom import dimse as _dimse
 from pynetdicom import dul as _dul
 from pynetdicom import evt
 from pynetdicom.dimse_messages import DIMSEMessage
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
 from appliance.store.chunking import StreamHasher
@@ -370,25 +370,62 @@ def _send_store_rq(self: Any, primitive: C_STORE, context_id: int) -> bool:
     return True
 
 
-def _send_msg(self: Any, primitive: Any, context_id: int) -> None:
+_RETRIEVE_RSP_FIELD = {C_GET: 0x8010, C_MOVE: 0x8021}
+_SUBOPERATION_COUNTS = (
+    (0x1020, "NumberOfRemainingSuboperations"),
+    (0x1021, "NumberOfCompletedSuboperations"),
+    (0x1022, "NumberOfFailedSuboperations"),
+    (0x1023, "NumberOfWarningSuboperations"),
+)
+
+
+def encode_retrieve_rsp(primitive: C_GET | C_MOVE) -> bytes:
+    """The command set of a C-GET/C-MOVE-RSP without identifier, comment or offending
+    element (PS3.7 9.3.3.2, 9.3.4.2): the pending response sent after each sub-operation."""
+    parts = [
+        _element(0x0002, _uid(str(primitive.AffectedSOPClassUID))),
+        _element(0x0100, _us(_RETRIEVE_RSP_FIELD[type(primitive)])),
+        _element(0x0120, _us(primitive.MessageIDBeingRespondedTo)),
+        _element(0x0800, _us(0x0101)),  # no data set
+        _element(0x0900, _us(primitive.Status)),
+    ]
+    for element, keyword in _SUBOPERATION_COUNTS:
+        value = getattr(primitive, keyword)
+        if value is not None:
+            parts.append(_element(element, _us(value)))
+    body = b"".join(parts)
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
+def _fast_command(primitive: Any) -> bytes | None:
+    """The encoded command set of a data-set-less response we encode directly, else None."""
+    kind = type(primitive)
     if (
-        type(primitive) is C_STORE
-        and primitive.MessageIDBeingRespondedTo is None
-        and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)
-        and _send_store_rq(self, primitive, context_id)
+        kind not in (C_STORE, C_GET, C_MOVE)
+        or primitive.MessageIDBeingRespondedTo is None
+        or primitive.Status is None
+        or primitive.ErrorComment is not None
+        or primitive.OffendingElement is not None
+        or not primitive.AffectedSOPClassUID
     ):
+        return None
+    if kind is C_STORE:
+        return encode_store_rsp(primitive) if primitive.AffectedSOPInstanceUID else None
+    return None if primitive.Identifier is not None else encode_retrieve_rsp(primitive)
+
+
+def _send_msg(self: Any, primitive: Any, context_id: int) -> None:
+    if self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
+        _ORIGINAL_SEND_MSG(self, primitive, context_id)
         return
     if (
         type(primitive) is C_STORE
-        and primitive.MessageIDBeingRespondedTo is not None
-        and primitive.Status is not None
-        and primitive.ErrorComment is None
-        and primitive.OffendingElement is None
-        and primitive.AffectedSOPClassUID
-        and primitive.AffectedSOPInstanceUID
-        and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)
+        and primitive.MessageIDBeingRespondedTo is None
+        and _send_store_rq(self, primitive, context_id)
     ):
-        command = encode_store_rsp(primitive)
+        return
+    command = _fast_command(primitive)
+    if command is not None:
         max_pdu = self.maximum_pdu_size
         if not max_pdu or len(command) + 6 <= max_pdu:
             pdata = P_DATA()
