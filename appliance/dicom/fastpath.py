@@ -195,9 +195,9 @@ def tune_association(assoc: _association.Association, wrapper: Any = None) -> No
     assoc._dicomesh_wait = assoc_wait  # type: ignore[attr-defined]
     dimse.send_msg = types.MethodType(_send_msg, dimse)  # type: ignore[method-assign]
     dul._send = types.MethodType(_dul_send, dul)  # type: ignore[method-assign]
-    # send_c_store() clears this event and polls until the reactor parks on it: wake the
-    # reactor's wait at once instead of after its 1 ms tick.
-    assoc._reactor_checkpoint = _WakingEvent(message_ready, assoc._reactor_checkpoint.is_set())
+    assoc._reactor_checkpoint = _ReactorCheckpoint(
+        assoc, message_ready, assoc._reactor_checkpoint.is_set()
+    )
     receive = dimse.receive_primitive
 
     def receive_primitive(primitive: P_DATA) -> None:
@@ -209,11 +209,19 @@ def tune_association(assoc: _association.Association, wrapper: Any = None) -> No
     dimse.receive_primitive = receive_primitive  # type: ignore[method-assign]
 
 
-class _WakingEvent(threading.Event):
-    """A threading.Event whose clear() also sets `wake`."""
+class _ReactorCheckpoint(threading.Event):
+    """The association reactor's pause checkpoint (`_reactor_checkpoint`), made race-free.
 
-    def __init__(self, wake: threading.Event, initially_set: bool) -> None:
+    send_c_store() clears it, then polls `_is_paused` until the reactor parks in wait(). In
+    pynetdicom the reactor sets `_is_paused = False` only after wait() returned, so a second
+    send_c_store() right after the first can see the stale True, send, and then lose its
+    response to the reactor ("Received unexpected C-STORE service message"). Here wait()
+    clears `_is_paused` under the event's own lock, atomically with seeing the flag set, and
+    clear() wakes the reactor's tick so it parks at once."""
+
+    def __init__(self, assoc: Any, wake: threading.Event, initially_set: bool) -> None:
         super().__init__()
+        self._assoc = assoc
         self._wake = wake
         if initially_set:
             self.set()
@@ -221,6 +229,13 @@ class _WakingEvent(threading.Event):
     def clear(self) -> None:
         super().clear()
         self._wake.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self._cond:  # threading.Event's condition: set()/clear() take it too
+            passed = self._cond.wait_for(self.is_set, timeout)
+            if passed:
+                self._assoc._is_paused = False
+            return passed
 
 
 class HashingBuffer(BytesIO):

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pynetdicom.presentation import PresentationContext, build_context
 
 from appliance.dicom import status
@@ -82,7 +83,8 @@ def _unique_values(identifier: Dataset, keyword: str) -> list[str]:
     raw = identifier.get(keyword)
     if raw is None:
         return []
-    text = "\\".join(str(v) for v in raw) if isinstance(raw, (list, tuple)) else str(raw)
+    multiple = isinstance(raw, (list, tuple, MultiValue))
+    text = "\\".join(str(v) for v in raw) if multiple else str(raw)
     return [v.strip(" \x00") for v in text.split("\\") if v.strip(" \x00")]
 
 

@@ -18,7 +18,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    build_context,
+    evt,
+)
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -218,7 +224,7 @@ class DicomNodeServer:
             "association from %s at %s (called %s) rejected",
             assoc.requestor.ae_title,
             assoc.requestor.address,
-            assoc.acceptor.ae_title,
+            assoc.requestor.primitive.called_ae_title,
         )
 
     def _on_closed(self, event: evt.Event, how: str) -> None:
@@ -357,7 +363,9 @@ class DicomNodeServer:
             items = self._resolve(event.identifier, model)
             contexts = retrieve.move_contexts(items)
         except query.QueryError as exc:
-            yield destination.host, destination.port
+            # pynetdicom associates with the destination before it reads the failure, and
+            # needs at least one context to propose.
+            yield destination.host, destination.port, {"contexts": [build_context(Verification)]}
             yield 1
             yield exc.status, None
             return
