@@ -12,9 +12,6 @@ SCP spends ~4 ms per 525 KB instance, of which only ~1 ms is work:
 - pynetdicom sets neither TCP_NODELAY nor TCP_QUICKACK. Against Nagle-on peers (Debian's
   DCMTK and Orthanc by default) every message then waits for a delayed ACK (~40 ms): we set
   NODELAY and re-arm QUICKACK before each read;
-- hashing a received instance only after it fully arrived costs ~0.4 ms per CT slice on the
-  critical path; `HashingBuffer` hashes each P-DATA fragment as the DUL thread stores it,
-  while the rest of the data set is still on the wire;
 - pynetdicom accepts the first transfer syntax of *its own* list that the requestor proposed;
   `_prefer_requestor_order` re-picks the requestor's first supported one, so a modality
   offering "JPEG lossless, then uncompressed" keeps its compression and DCMTK's explicit-VR-
@@ -59,11 +56,8 @@ from pynetdicom import association as _association
 from pynetdicom import dimse as _dimse
 from pynetdicom import dul as _dul
 from pynetdicom import evt
-from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.pdu_primitives import P_DATA
-
-from appliance.store.chunking import StreamHasher
 
 log = logging.getLogger(__name__)
 
@@ -198,15 +192,6 @@ def tune_association(assoc: _association.Association, wrapper: Any = None) -> No
     assoc._reactor_checkpoint = _ReactorCheckpoint(
         assoc, message_ready, assoc._reactor_checkpoint.is_set()
     )
-    receive = dimse.receive_primitive
-
-    def receive_primitive(primitive: P_DATA) -> None:
-        if dimse.message is None:  # a new message starts: collect its data set hashing
-            dimse.message = DIMSEMessage()
-            dimse.message.data_set = HashingBuffer()
-        receive(primitive)
-
-    dimse.receive_primitive = receive_primitive  # type: ignore[method-assign]
 
 
 class _ReactorCheckpoint(threading.Event):
@@ -236,19 +221,6 @@ class _ReactorCheckpoint(threading.Event):
             if passed:
                 self._assoc._is_paused = False
             return passed
-
-
-class HashingBuffer(BytesIO):
-    """The buffer a received data set is assembled in, hashing each fragment on arrival."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.hasher = StreamHasher()
-
-    def write(self, data: Any) -> int:
-        written = super().write(data)
-        self.hasher.update(data)
-        return written
 
 
 def _recv_quickack(self: Any, nr_bytes: int) -> bytearray:

@@ -253,20 +253,14 @@ class DicomNodeServer:
         assoc = event.assoc
         sop = str(req.AffectedSOPInstanceUID or "")
         counts = getattr(assoc, "dicomesh_counts", [0, 0, 0])
-        buffer = req.DataSet
-        raw = buffer.getvalue()
-        digests = None
-        if isinstance(buffer, fastpath.HashingBuffer) and buffer.hasher.size == len(raw):
-            digests = buffer.hasher.digests()
         try:
             inc = prepare(
-                raw,
+                req.DataSet.getvalue(),
                 event.context.transfer_syntax,
                 str(req.AffectedSOPClassUID or ""),
                 sop,
                 assoc.requestor.ae_title,
                 compress=self.store.cfg.compression == "zstd",
-                digests=digests,
             )
             outcome = self.store.put_instance(inc)
         except IngestError as exc:

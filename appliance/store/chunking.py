@@ -57,61 +57,18 @@ class EncodedChunk:
     stored: bytes | memoryview
 
 
-def split_and_hash(
-    data: bytes, *, compress: bool = False, digests: tuple[list[bytes], bytes] | None = None
-) -> tuple[list[EncodedChunk], bytes]:
-    """Chunks of `data` (zero-copy views when stored raw) and the SHA-256 of all of it.
-
-    `digests` (chunk digests, whole digest) from a StreamHasher that saw exactly `data`
-    skip the hashing."""
+def split_and_hash(data: bytes, *, compress: bool = False) -> tuple[list[EncodedChunk], bytes]:
+    """Chunks of `data` (zero-copy views when stored raw) and the SHA-256 of all of it."""
     view = memoryview(data)
     spans = chunk_spans(len(data))
-    if digests is None:
-        chunk_digests = [hashlib.sha256(view[off : off + n]).digest() for off, n in spans]
-        # A single-chunk instance's hash is its chunk's hash: hash once on the hot path.
-        whole = chunk_digests[0] if len(spans) == 1 else hashlib.sha256(view).digest()
-    else:
-        chunk_digests, whole = digests
     chunks = []
-    for (off, length), digest in zip(spans, chunk_digests, strict=True):
+    for off, length in spans:
         part = view[off : off + length]
-        ref = ChunkRef(digest, length)
+        ref = ChunkRef(hashlib.sha256(part).digest(), length)
         chunks.append(_encode(ref, part) if compress else EncodedChunk(ref, Codec.RAW, part))
+    # A single-chunk instance's hash is its chunk's hash: hash once on the hot path.
+    whole = chunks[0].ref.digest if len(spans) == 1 else hashlib.sha256(view).digest()
     return chunks, whole
-
-
-class StreamHasher:
-    """The digests split_and_hash would compute, fed incrementally as bytes arrive (so the
-    hashing overlaps the network transfer instead of following it)."""
-
-    def __init__(self) -> None:
-        self._whole = hashlib.sha256()
-        self._span = hashlib.sha256()
-        self._span_fill = 0
-        self._done: list[bytes] = []  # digests of completed CHUNK_BYTES spans
-        self.size = 0
-
-    def update(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        self._whole.update(view)
-        self.size += len(view)
-        while len(view):
-            take = min(CHUNK_BYTES - self._span_fill, len(view))
-            self._span.update(view[:take])
-            self._span_fill += take
-            view = view[take:]
-            if self._span_fill == CHUNK_BYTES:
-                self._done.append(self._span.digest())
-                self._span = hashlib.sha256()
-                self._span_fill = 0
-
-    def digests(self) -> tuple[list[bytes], bytes]:
-        """(chunk digests, whole digest) for the bytes seen so far, as chunk_spans splits."""
-        whole = self._whole.digest()
-        if self.size <= SINGLE_CHUNK_MAX:
-            return [whole], whole
-        tail = [self._span.digest()] if self._span_fill else []
-        return self._done + tail, whole
 
 
 def _encode(ref: ChunkRef, raw: memoryview) -> EncodedChunk:
