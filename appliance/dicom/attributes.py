@@ -7,6 +7,7 @@ with a zero-length value, as PS3.4 C.4.1.2.3 allows for keys an SCP does not sup
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 from pydicom.charset import convert_encodings
@@ -149,6 +150,66 @@ def element(ds: Dataset, tag: int, encodings: list[str] | None) -> DataElement |
     return None  # a nested Dataset (not a top-level element)
 
 
+# Character sets whose text is a plain decode, without ISO 2022 code extensions; the fast
+# path below handles only these (the vast majority of what modalities send).
+_PLAIN_CHARSETS = {"": "latin_1", "ISO_IR 6": "latin_1", "ISO_IR 100": "latin_1",
+                   "ISO_IR 192": "utf_8"}  # fmt: skip
+# VRs from the default repertoire, never affected by Specific Character Set (PS3.5 6.1.2.3).
+_DEFAULT_REPERTOIRE = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"}
+_SPECIFIC_REPERTOIRE = {"LO", "LT", "PN", "SH", "ST", "UC", "UT"}
+_SINGLE_VALUED = {"LT", "ST", "UT", "UR"}  # backslash is text, not a value separator
+_STRUCT = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d"}
+
+
+def plain_codec(ds: Dataset) -> str | None:
+    """The codec for a data set's text when it needs no ISO 2022 handling, else None."""
+    raw = ds.get_item(_SPECIFIC_CHARACTER_SET)
+    if raw is None:
+        return _PLAIN_CHARSETS[""]
+    value = raw.value if isinstance(raw, (RawDataElement, DataElement)) else None
+    if isinstance(value, bytes):
+        value = value.decode("latin_1")
+    if value is None:
+        return _PLAIN_CHARSETS[""]
+    if not isinstance(value, str):
+        return None  # several terms: code extensions
+    return _PLAIN_CHARSETS.get(value.strip(" \x00"))
+
+
+def fast_json_value(raw: RawDataElement, vr: str, codec: str) -> Any:
+    """to_json_value(pydicom's converted value) computed straight from the raw bytes, for
+    the common VRs; raises LookupError for anything else (the caller uses pydicom)."""
+    if raw.VR is None and " or " in dictionary_VR(raw.tag):
+        raise LookupError(vr)  # implicit VR, ambiguous in the dictionary: pydicom resolves it
+    vr = raw.VR or vr  # implicit VR: the dictionary's
+    value = raw.value
+    if not isinstance(value, bytes):
+        raise LookupError(vr)
+    if vr in _STRUCT:
+        fmt = _STRUCT[vr]
+        count = len(value) // struct.calcsize(fmt)
+        if not count:
+            return None
+        numbers = struct.unpack(("<" if raw.is_little_endian else ">") + fmt * count, value)
+        return numbers[0] if count == 1 else list(numbers)
+    if vr in _DEFAULT_REPERTOIRE:
+        # Like pydicom: padding is stripped from the whole value, then it is split; only the
+        # numeric strings are stripped per value.
+        parts = value.decode("latin_1").rstrip(" \x00").split("\\")
+        if vr in ("DS", "IS"):
+            parts = [p.strip(" ") for p in parts]
+    elif vr in _SPECIFIC_REPERTOIRE:
+        text = value.decode(codec).rstrip(" \x00")
+        parts = [text] if vr in _SINGLE_VALUED else text.split("\\")
+        if vr == "PN":  # pydicom drops empty trailing component groups (PS3.5 6.2.1.1)
+            parts = [p.rstrip("=") for p in parts]
+    else:
+        raise LookupError(vr)
+    if len(parts) == 1:
+        return parts[0] or None
+    return parts
+
+
 class KeyTable:
     """Keywords with their tags and VRs resolved once (pydicom's keyword lookup is slow on
     the ingest hot path)."""
@@ -156,16 +217,26 @@ class KeyTable:
     def __init__(self, keywords: tuple[str, ...]) -> None:
         self.entries = tuple((tag_for_keyword(kw), kw, vr_of(kw)) for kw in keywords)
 
-    def extract(self, ds: Dataset, present: set[int], encodings: list[str]) -> dict[str, Any]:
+    def extract(
+        self, ds: Dataset, present: set[int], encodings: list[str], codec: str | None = None
+    ) -> dict[str, Any]:
         """The stored form of the table's attributes in `ds` (whose tags are `present`);
-        absent or empty ones are left out."""
+        absent or empty ones are left out. `codec` (from plain_codec) enables the fast path."""
         out: dict[str, Any] = {}
         for tag, keyword, vr in self.entries:
             if tag not in present:
                 continue
             try:
-                elem = element(ds, tag, encodings)
-                value = None if elem is None else to_json_value(elem.value, vr)
+                raw = ds.get_item(tag)
+                if codec is not None and isinstance(raw, RawDataElement):
+                    try:
+                        value = fast_json_value(raw, vr, codec)
+                    except LookupError:
+                        elem = element(ds, tag, encodings)
+                        value = None if elem is None else to_json_value(elem.value, vr)
+                else:
+                    elem = element(ds, tag, encodings)
+                    value = None if elem is None else to_json_value(elem.value, vr)
             except Exception:  # an undecodable value is not indexed; the bytes are kept as sent
                 continue
             if value is not None:
