@@ -143,6 +143,18 @@ class Gateway:
             raise
         return self
 
+    def find_images(self, study_uid: str, series_uid: str, sop_uid: str = "") -> list[Any]:
+        """C-FIND (findscu, Study Root) of a series' instances, or one of them."""
+        from dcmtk import findscu  # local: dcmtk imports nothing of ours, keep it optional
+
+        keys = [
+            "QueryRetrieveLevel=IMAGE",
+            f"StudyInstanceUID={study_uid}",
+            f"SeriesInstanceUID={series_uid}",
+            f"SOPInstanceUID={sop_uid}",
+        ]
+        return findscu(self.host, self.port, self.ae_title, keys, model="study", timeout=30)
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 

@@ -47,17 +47,7 @@ def test_acknowledged_instances_survive_kill9(tmp_path):
         assert acknowledged, "no instance was acknowledged before the kills; widen the delays"
 
         gw.start()
-        found = findscu(
-            gw.host,
-            gw.port,
-            gw.ae_title,
-            [
-                "QueryRetrieveLevel=IMAGE",
-                f"StudyInstanceUID={series.study_uid}",
-                f"SeriesInstanceUID={series.series_uid}",
-                "SOPInstanceUID",
-            ],
-        )
+        found = gw.find_images(series.study_uid, series.series_uid)
         visible = {str(ds.SOPInstanceUID) for ds in found}
         assert acknowledged <= visible
         assert visible <= set(by_uid)

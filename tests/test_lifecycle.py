@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from dcmtk import echoscu, findscu, storescu
+from dcmtk import echoscu, storescu
 from gateway import DICOMESH, REPO, Gateway
 from procs import LOOPBACK, free_port
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
@@ -105,19 +105,7 @@ def listening(port: int) -> bool:
 
 
 def find_instance(gw: Gateway, series: SeriesInfo, sop_uid: str) -> list[pydicom.Dataset]:
-    return findscu(
-        gw.host,
-        gw.port,
-        gw.ae_title,
-        [
-            "QueryRetrieveLevel=IMAGE",
-            f"StudyInstanceUID={series.study_uid}",
-            f"SeriesInstanceUID={series.series_uid}",
-            f"SOPInstanceUID={sop_uid}",
-        ],
-        model="study",
-        timeout=15,
-    )
+    return gw.find_images(series.study_uid, series.series_uid, sop_uid)
 
 
 # ---------------------------------------------------------------- 1. signals

@@ -185,18 +185,7 @@ def test_bad_data_sets_are_refused_and_the_association_goes_on(gw: Gateway, tmp_
     assert truncated in CANNOT_UNDERSTAND, hex(truncated)
     assert [good0, good1, good2, good3] == [SUCCESS] * 4
 
-    rsp = findscu(
-        gw.host,
-        gw.port,
-        gw.ae_title,
-        [
-            "QueryRetrieveLevel=IMAGE",
-            f"StudyInstanceUID={series.study_uid}",
-            f"SeriesInstanceUID={series.series_uid}",
-            "SOPInstanceUID",
-        ],
-    )
-    assert sorted(str(r.SOPInstanceUID) for r in rsp) == sorted(series.sop_uids[4:])
+    assert _image_uids(gw, series) == sorted(series.sop_uids[4:])
 
 
 # -- re-sending ---------------------------------------------------------------------------------
@@ -218,18 +207,9 @@ def _study_counts(gw: Gateway, study_uid: str) -> list[tuple[int, int]]:
 
 
 def _image_uids(gw: Gateway, series: SeriesInfo) -> list[str]:
-    rsp = findscu(
-        gw.host,
-        gw.port,
-        gw.ae_title,
-        [
-            "QueryRetrieveLevel=IMAGE",
-            f"StudyInstanceUID={series.study_uid}",
-            f"SeriesInstanceUID={series.series_uid}",
-            "SOPInstanceUID",
-        ],
+    return sorted(
+        str(r.SOPInstanceUID) for r in gw.find_images(series.study_uid, series.series_uid)
     )
-    return sorted(str(r.SOPInstanceUID) for r in rsp)
 
 
 def test_resending_a_series_is_idempotent(gw: Gateway, small_series: SeriesInfo) -> None:

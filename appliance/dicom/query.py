@@ -215,23 +215,30 @@ def _studies_from_below(query: Query, r: Reader) -> Iterator[StudyRecord | None]
 
 
 def _series(query: Query, r: Reader, study: StudyRecord) -> Iterator[SeriesRecord]:
-    uids = query.uids.get("SERIES")
-    if uids is not None:
-        found = (r.series(u) for u in uids)
-        candidates = (s for s in found if s is not None and s.study_uid == study.uid)
-    else:
-        candidates = r.series_of(study.uid)
-    return (s for s in candidates if _ok(query, "SERIES", s))
+    return _children(query, "SERIES", r.series, "study_uid", study.uid, r.series_of)
 
 
 def _instances(query: Query, r: Reader, series: SeriesRecord) -> Iterator[InstanceRecord]:
-    uids = query.uids.get("IMAGE")
+    return _children(query, "IMAGE", r.instance, "series_uid", series.uid, r.instances_of)
+
+
+def _children(
+    query: Query,
+    level: str,
+    lookup: Callable[[str], Any],
+    parent_field: str,
+    parent_uid: str,
+    list_children: Callable[[str], Iterator[Any]],
+) -> Iterator[Any]:
+    """A parent's matching children: the requested UIDs looked up directly when the query
+    names them (belonging to this parent), otherwise every child."""
+    uids = query.uids.get(level)
     if uids is not None:
-        found = (r.instance(u) for u in uids)
-        candidates = (i for i in found if i is not None and i.series_uid == series.uid)
+        found = (lookup(u) for u in uids)
+        candidates = (c for c in found if c is not None and getattr(c, parent_field) == parent_uid)
     else:
-        candidates = r.instances_of(series.uid)
-    return (i for i in candidates if _ok(query, "IMAGE", i))
+        candidates = list_children(parent_uid)
+    return (c for c in candidates if _ok(query, level, c))
 
 
 def _ok(query: Query, level: str, record: Any) -> bool:
