@@ -30,6 +30,7 @@ from typing import Any, Literal
 import tomli_w
 
 from appliance.dicom.config import DicomConfig
+from appliance.mesh.config import MeshConfig
 from appliance.schema import ConfigError, absolute_path, dump, load, setting
 from appliance.store.config import StoreConfig
 
@@ -53,6 +54,7 @@ class Config:
     log: LogConfig = setting(default_factory=LogConfig, doc="logging")
     dicom: DicomConfig = setting(default_factory=DicomConfig, doc="the DICOM node")
     store: StoreConfig = setting(default_factory=StoreConfig, doc="the chunk store")
+    mesh: MeshConfig = setting(default_factory=MeshConfig, doc="the study mesh")
 
 
 def _apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> None:

@@ -43,12 +43,22 @@ class Tables:
     series_instances: lmdb._Database  # Series UID -> SOP Instance UIDs (dupsort)
     usage: lmdb._Database  # Study UID -> UsageRecord
     meta: lmdb._Database  # schema version and bookkeeping
+    # The mesh catalog (appliance/mesh/catalog.py): entries per (origin, kind, study), a log
+    # by (origin, seq) for "what changed since", the version vector, and a study -> entry map.
+    cat_entries: lmdb._Database  # origin \0 kind \0 study UID -> seq u64 + payload
+    cat_log: lmdb._Database  # origin \0 seq u64 -> entry key
+    cat_vv: lmdb._Database  # origin -> highest seq known
+    cat_studies: lmdb._Database  # study UID -> origin \0 kind (dupsort)
+    # Swarm downloads in progress (appliance/mesh/swarm): their state, and the chunks they pin
+    # (counted in chunk_refs) so partial data is durable, servable and resumable.
+    downloads: lmdb._Database  # study UID -> download record
+    download_pins: lmdb._Database  # study UID -> chunk digests (dupsort)
 
     def all(self) -> tuple[lmdb._Database, ...]:
         return tuple(getattr(self, name) for name in self.__dataclass_fields__)
 
 
-_DUPSORT = {"patient_studies", "study_series", "series_instances"}
+_DUPSORT = {"patient_studies", "study_series", "series_instances", "cat_studies", "download_pins"}
 
 
 class _ReadGate:
