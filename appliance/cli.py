@@ -32,9 +32,25 @@ def main(argv: list[str] | None = None) -> int:
     check = config_sub.add_parser("check", help="validate a config file, print the effective one")
     check.add_argument("file", type=Path)
 
+    peer = sub.add_parser("peer", help="admit, list or revoke mesh peers")
+    peer.add_argument("--config", type=Path, help="TOML config file (for state_dir)")
+    peer.add_argument("--state-dir", type=Path, help="override state_dir")
+    peer_sub = peer.add_subparsers(dest="peer_command", required=True)
+    add = peer_sub.add_parser("add", help="admit a gateway")
+    add.add_argument("name")
+    add.add_argument("--key", required=True, help="its WireGuard public key (base64)")
+    add.add_argument("--address", action="append", required=True, help="overlay address")
+    add.add_argument("--role", choices=["clinic", "replica"], default="clinic")
+    add.add_argument("--port", type=int, help="its mesh HTTP port (default 7480)")
+    peer_sub.add_parser("list", help="list admitted gateways")
+    remove = peer_sub.add_parser("remove", help="revoke a gateway")
+    remove.add_argument("name")
+
     args = parser.parse_args(argv)
     if args.command == "run":
         return _run(args)
+    if args.command == "peer":
+        return _peer(args)
     return _config_check(args.file)
 
 
@@ -43,12 +59,13 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     state_dir = args.state_dir or (None if args.config else DEV_STATE_DIR)
     if state_dir is not None:
         overrides["state_dir"] = str(state_dir.resolve())
-    if args.dicom_port is not None:
-        overrides["dicom.port"] = args.dicom_port
-    if args.ae_title is not None:
-        overrides["dicom.ae_title"] = args.ae_title
-    if args.log_level is not None:
-        overrides["log.level"] = args.log_level
+    for flag, key in (
+        ("dicom_port", "dicom.port"),
+        ("ae_title", "dicom.ae_title"),
+        ("log_level", "log.level"),
+    ):
+        if getattr(args, flag, None) is not None:
+            overrides[key] = getattr(args, flag)
     return overrides
 
 
@@ -72,4 +89,39 @@ def _config_check(path: Path) -> int:
         print(f"{path}: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
     sys.stdout.write(render_toml(cfg, mask_secrets=True))
+    return 0
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    """The state directory the way `run` would resolve it."""
+    return Path(load_config(args.config, _overrides(args)).state_dir)
+
+
+def _peer(args: argparse.Namespace) -> int:
+    from appliance.mesh import peers
+
+    try:
+        path = _state_dir(args) / peers.PEERS_FILE
+        if args.peer_command == "add":
+            peer = peers.peer_from_args(
+                name=args.name,
+                public_key=args.key,
+                addresses=args.address,
+                role=args.role,
+                port=args.port,
+            )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            peers.add_peer(path, peer)
+            print(f"admitted {peer.name} ({', '.join(peer.addresses)}, {peer.role})")
+        elif args.peer_command == "remove":
+            if not peers.remove_peer(path, args.name):
+                print(f"dicomesh: no peer called {args.name!r}", file=sys.stderr)
+                return 1
+            print(f"revoked {args.name}")
+        else:
+            for p in peers.read_peers(path):
+                print(f"{p.name}\t{p.role}\t{','.join(p.addresses)}:{p.port}\t{p.public_key}")
+    except ConfigError as exc:
+        print(f"dicomesh: {exc}", file=sys.stderr)
+        return 2
     return 0

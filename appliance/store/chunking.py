@@ -50,11 +50,14 @@ class ChunkRef:
 
 @dataclass(frozen=True, slots=True)
 class EncodedChunk:
-    """A chunk ready for the writer: its reference and the bytes to store with their codec."""
+    """A chunk ready for the writer: its reference and the bytes to store with their codec.
+
+    `stored=None` refers to a chunk that must already be in the store (pinned by a swarm
+    download); writing it when absent is an error, never an empty chunk."""
 
     ref: ChunkRef
     codec: Codec
-    stored: bytes | memoryview
+    stored: bytes | memoryview | None
 
 
 def split_and_hash(data: bytes, *, compress: bool = False) -> tuple[list[EncodedChunk], bytes]:

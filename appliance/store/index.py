@@ -19,7 +19,7 @@ import zstandard
 
 from appliance.store import chunking
 from appliance.store.db import Tables
-from appliance.store.errors import CorruptData
+from appliance.store.errors import CorruptData, StoreError
 from appliance.store.records import (
     IncomingInstance,
     InstanceRecord,
@@ -64,7 +64,7 @@ class WriteOps:
         fresh = sum(
             len(c.stored)
             for c in inc.chunks
-            if self.txn.get(c.ref.digest, db=self.t.chunk_refs) is None
+            if c.stored is not None and self.txn.get(c.ref.digest, db=self.t.chunk_refs) is None
         )
         return SpaceNeed(fresh)
 
@@ -195,12 +195,41 @@ class WriteOps:
         usage.access_count += 1
         self.txn.put(study_uid.encode(), usage.encode(), db=self.t.usage)
 
+    # -- swarm downloads -------------------------------------------------------------------
+
+    def pin_chunk(self, study_uid: str, chunk: chunking.EncodedChunk) -> bool:
+        """Keep a downloaded chunk for `study_uid`'s download, durable and servable before
+        its instance is complete; False if that download had pinned it already."""
+        study = study_uid.encode()
+        if not self.txn.put(study, chunk.ref.digest, db=self.t.download_pins, dupdata=False):
+            return False
+        self._ref_chunk(chunk)
+        return True
+
+    def unpin_study(self, study_uid: str) -> int:
+        """Release every chunk the download of `study_uid` pinned; chunks no instance uses
+        are deleted. Returns how many pins were released."""
+        study = study_uid.encode()
+        cur = self.txn.cursor(db=self.t.download_pins)
+        digests = [bytes(v) for v in cur.iternext_dup()] if cur.set_key(study) else []
+        for digest in digests:
+            self._unref_chunk(digest)
+        if digests:
+            self.txn.delete(study, db=self.t.download_pins)
+        self.txn.delete(study, db=self.t.downloads)
+        return len(digests)
+
+    def set_download(self, study_uid: str, record: bytes) -> None:
+        self.txn.put(study_uid.encode(), record, db=self.t.downloads)
+
     # -- helpers -------------------------------------------------------------------------
 
     def _ref_chunk(self, chunk: chunking.EncodedChunk) -> None:
         key = chunk.ref.digest
         raw = self.txn.get(key, db=self.t.chunk_refs)
         if raw is None:
+            if chunk.stored is None:
+                raise StoreError(f"chunk {key.hex()[:16]} is not in the store")
             self.txn.put(key, chunk.stored, db=self.t.chunks)
             self.txn.put(key, _REF.pack(1, chunk.codec), db=self.t.chunk_refs)
         else:
@@ -375,6 +404,37 @@ class Reader:
         if len(data) != manifest.size or hashlib.sha256(data).digest() != manifest.sha256:
             raise CorruptData(f"instance {uid}: stored bytes do not match their SHA-256")
         return data
+
+    def chunk(self, digest: bytes) -> tuple[int, memoryview] | None:
+        """A stored chunk as (codec, stored bytes), valid inside the read transaction."""
+        meta = self.txn.get(digest, db=self.t.chunk_refs)
+        stored = self.txn.get(digest, db=self.t.chunks)
+        if meta is None or stored is None:
+            return None
+        return _REF.unpack(meta)[1], stored
+
+    def have_prefixes(self, prefixes: list[bytes]) -> list[bool]:
+        """For each digest prefix, whether a chunk starting with it is stored (a hint for
+        swarm scheduling; every fetched chunk is verified in full)."""
+        cur = self.txn.cursor(db=self.t.chunk_refs)
+        found = []
+        for prefix in prefixes:
+            found.append(bool(cur.set_range(prefix)) and bytes(cur.key()).startswith(prefix))
+        return found
+
+    def download(self, study_uid: str) -> bytes | None:
+        raw = self._get(study_uid, self.t.downloads)
+        return None if raw is None else bytes(raw)
+
+    def downloads(self) -> list[str]:
+        return [bytes(k).decode() for k, _ in self.txn.cursor(db=self.t.downloads)]
+
+    def pinned(self, study_uid: str) -> set[bytes]:
+        return {bytes(d) for d in self._children_raw(study_uid, self.t.download_pins)}
+
+    def _children_raw(self, key: str, db: lmdb._Database) -> list[memoryview]:
+        cur = self.txn.cursor(db=db)
+        return list(cur.iternext_dup()) if cur.set_key(key.encode()) else []
 
     def counts(self) -> dict[str, int]:
         entries = {

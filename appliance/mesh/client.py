@@ -1,0 +1,163 @@
+"""Client side of the mesh API: one PeerClient per path (peer, local source address)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import zstandard
+
+from appliance.mesh import protocol
+from appliance.mesh.errors import MeshError, PeerInputError
+from appliance.mesh.peers import Peer
+from appliance.store.chunking import ChunkRef, Codec, EncodedChunk
+
+_READ_PIECE = 64 * 1024
+
+
+class FetchError(MeshError):
+    """The peer could not be reached or the exchange broke off."""
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """One chunk of a batch: verified (`chunk` set), missing at the peer, or corrupt."""
+
+    digest: bytes
+    chunk: EncodedChunk | None  # as received (possibly zstd), verified against `digest`
+    missing: bool = False
+    corrupt: bool = False
+    wire_bytes: int = 0
+
+
+class PeerClient:
+    """Talks to one peer from one local address (so the peer sees our overlay identity)."""
+
+    def __init__(
+        self,
+        peer: Peer,
+        local_address: str,
+        verifier: Executor,
+        *,
+        connect_timeout: float = 3.0,
+        max_connections: int = 4,
+    ) -> None:
+        self.peer = peer
+        self.local_address = local_address
+        self._verifier = verifier
+        connector = aiohttp.TCPConnector(
+            local_addr=(local_address, 0), limit=max_connections, force_close=False
+        )
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout)
+        self.session = aiohttp.ClientSession(
+            base_url=peer.url, connector=connector, timeout=timeout, auto_decompress=False
+        )
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def _post(self, path: str, body: bytes, content_type: str) -> bytes:
+        try:
+            async with self.session.post(
+                path, data=body, headers={"Content-Type": content_type}
+            ) as resp:
+                if resp.status != 200:
+                    raise FetchError(f"{self.peer.name}{path}: HTTP {resp.status}")
+                return await resp.read()
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise FetchError(f"{self.peer.name}{path}: {exc.__class__.__name__} {exc}") from None
+
+    async def _json(self, path: str, obj: Any) -> Any:
+        raw = await self._post(path, protocol.encode_json(obj), protocol.JSON_TYPE)
+        return protocol.decode_json(raw)
+
+    async def hello(self) -> dict[str, Any]:
+        try:
+            async with self.session.get("/mesh/v1/hello") as resp:
+                if resp.status != 200:
+                    raise FetchError(f"{self.peer.name}: hello HTTP {resp.status}")
+                body = protocol.decode_json(await resp.read())
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise FetchError(f"{self.peer.name}: {exc.__class__.__name__} {exc}") from None
+        if not isinstance(body, dict):
+            raise PeerInputError("hello: not an object")
+        return body
+
+    async def have(self, prefixes: list[bytes]) -> list[bool]:
+        raw = await self._post(
+            "/mesh/v1/have", protocol.encode_have(prefixes), "application/octet-stream"
+        )
+        return protocol.decode_bitmap(raw, len(prefixes))
+
+    async def manifests(self, sops: list[str]) -> dict[str, str]:
+        body = await self._json("/mesh/v1/manifests", {"sop": sops})
+        found = body.get("manifests") if isinstance(body, dict) else None
+        if not isinstance(found, dict):
+            raise PeerInputError("manifests: malformed answer")
+        return {k: v for k, v in found.items() if isinstance(k, str) and isinstance(v, str)}
+
+    async def post_json(self, path: str, obj: Any) -> Any:
+        """A JSON exchange on another route (e.g. the catalog's)."""
+        return await self._json(path, obj)
+
+    async def fetch_chunks(
+        self, digests: list[bytes], on_bytes: Callable[[int], None], *, zstd: bool = True
+    ) -> AsyncIterator[Fetched]:
+        """Stream a batch: yields each chunk (verified off the event loop) as it completes;
+        `on_bytes` sees payload bytes as they arrive. Raises FetchError if the exchange fails."""
+        body = protocol.encode_chunk_request(digests, zstd=zstd)
+        try:
+            async with self.session.post(
+                "/mesh/v1/chunks", data=body, headers={"Content-Type": "application/octet-stream"}
+            ) as resp:
+                if resp.status != 200:
+                    raise FetchError(f"{self.peer.name}: chunks HTTP {resp.status}")
+                for digest in digests:
+                    yield await self._read_frame(resp.content, digest, on_bytes)
+        except (TimeoutError, aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
+            raise FetchError(f"{self.peer.name}: {exc.__class__.__name__} {exc}") from None
+
+    async def _read_frame(
+        self, content: aiohttp.StreamReader, digest: bytes, on_bytes: Callable[[int], None]
+    ) -> Fetched:
+        header = await content.readexactly(protocol.FRAME.size)
+        status, codec, raw_size, length = protocol.decode_frame_header(header)
+        if status == protocol.MISSING:
+            return Fetched(digest, None, missing=True, wire_bytes=len(header))
+        parts = []
+        left = length
+        while left:
+            piece = await content.read(min(left, _READ_PIECE))
+            if not piece:
+                raise asyncio.IncompleteReadError(b"", left)
+            parts.append(piece)
+            left -= len(piece)
+            on_bytes(len(piece))
+        payload = b"".join(parts)
+        loop = asyncio.get_running_loop()
+        ok = await loop.run_in_executor(self._verifier, _verify, digest, codec, raw_size, payload)
+        wire = len(header) + length
+        if not ok:
+            return Fetched(digest, None, corrupt=True, wire_bytes=wire)
+        chunk = EncodedChunk(ChunkRef(digest, raw_size), Codec(codec), payload)
+        return Fetched(digest, chunk, wire_bytes=wire)
+
+
+def _verify(digest: bytes, codec: int, raw_size: int, payload: bytes) -> bool:
+    """The payload decodes to `raw_size` bytes whose SHA-256 is `digest`."""
+    try:
+        raw = (
+            payload
+            if codec == Codec.RAW
+            else zstandard.ZstdDecompressor().decompress(
+                payload, max_output_size=protocol.MAX_CHUNK
+            )
+        )
+    except zstandard.ZstdError:
+        return False
+    return len(raw) == raw_size and hashlib.sha256(raw).digest() == digest
