@@ -27,7 +27,7 @@ from appliance.store.chunking import MIN_SAVING, Codec
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-PEER_KEY = web.AppKey("peer", Peer)
+PEER_KEY = web.RequestKey("peer", Peer)
 # A bounded map keyed by addresses peers control: remember which unknown addresses we
 # already warned about, at most this many.
 _MAX_WARNED = 1024
