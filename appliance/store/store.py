@@ -6,7 +6,7 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +56,7 @@ class Store:
             budget.claim(ops.space_need(inc))
             return ops.put_instance(inc)
 
-        return self._writer.submit(apply, weight=inc.manifest.size)
+        return self._writer.submit(apply, weight=inc.manifest.size, studies=(inc.study_uid,))
 
     def put_instance(self, inc: IncomingInstance, timeout: float | None = None) -> PutOutcome:
         """Thread side: returns once the instance is durable on disk, or raises StoreError."""
@@ -81,6 +81,10 @@ class Store:
 
         fut = self._writer.submit(apply)
         fut.add_done_callback(_log_background_failure)
+
+    def add_commit_listener(self, listener: Callable[[set[str]], None]) -> None:
+        """Call `listener(study UIDs)` on the writer thread after commits that changed them."""
+        self._writer.listeners.append(listener)
 
     def ping(self, timeout: float) -> bool:
         """True when the writer completes a (empty) commit within `timeout` seconds."""

@@ -74,6 +74,7 @@ class _Op:
     apply: Apply
     weight: int  # bytes the op adds (0 for bookkeeping such as usage updates)
     future: Future
+    studies: tuple[str, ...] = ()  # studies whose content the op changes (for listeners)
 
 
 _STOP = object()
@@ -90,16 +91,20 @@ class Writer(threading.Thread):
         self._closed = False
         self._close_lock = threading.Lock()
         self.full_reason: str | None = None  # set while writes are refused for lack of space
+        # Called on this thread after a commit with the studies it changed; must be quick
+        # (typically loop.call_soon_threadsafe).
+        self.listeners: list[Callable[[set[str]], None]] = []
         self.last_commit = time.monotonic()
 
-    def submit(self, apply: Apply, weight: int = 0) -> Future:
-        """Queue `apply(ops, budget)` for the next commit; the future gets its result."""
+    def submit(self, apply: Apply, weight: int = 0, studies: tuple[str, ...] = ()) -> Future:
+        """Queue `apply(ops, budget)` for the next commit; the future gets its result.
+        `studies` are announced to commit listeners once the op committed."""
         fut: Future = Future()
         with self._close_lock:
             if self._closed:
                 fut.set_exception(StoreClosed("store is closed"))
                 return fut
-            self._q.put(_Op(apply, weight, fut))
+            self._q.put(_Op(apply, weight, fut, studies))
         return fut
 
     def stop(self, timeout: float | None = None) -> None:
@@ -151,6 +156,7 @@ class Writer(threading.Thread):
                 self._fallback(batch, self._commit_error(exc))
                 return
             self.last_commit = time.monotonic()
+            changed: set[str] = set()
             for op, result in zip(batch, results, strict=True):
                 if isinstance(result, BaseException):
                     self._note_failure(result)
@@ -159,8 +165,19 @@ class Writer(threading.Thread):
                     # A re-send (DUPLICATE) took no space: it says nothing about room again.
                     if op.weight and result is not PutOutcome.DUPLICATE:
                         self._note_success()
+                    if result is not PutOutcome.DUPLICATE:
+                        changed.update(op.studies)
                     op.future.set_result(result)
+            if changed:
+                self._announce(changed)
             return
+
+    def _announce(self, studies: set[str]) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(studies)
+            except Exception:  # a listener's bug must not take the writer down
+                log.exception("commit listener failed")
 
     def _fallback(self, batch: list[_Op], error: StoreError) -> None:
         """A batch that cannot commit as a whole: give each op its own chance (a small

@@ -1,0 +1,53 @@
+"""What this gateway says about a study it holds: the catalog's "desc" and "hold" payloads,
+built from the local index (see catalog.py for the formats)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from appliance.store.index import Reader
+
+
+def describe_study(reader: Reader, study_uid: str) -> dict[str, Any] | None:
+    """The description of a locally indexed study (None if it is not held anymore)."""
+    study = reader.study(study_uid)
+    if study is None:
+        return None
+    patient = reader.patient(study.patient_key)
+    series: dict[str, Any] = {}
+    instances: dict[str, Any] = {}
+    for se in reader.series_of(study_uid):
+        series[se.uid] = se.attrs
+        for inst in reader.instances_of(se.uid):
+            manifest = reader.manifest(inst.uid)
+            if manifest is None:
+                continue
+            instances[inst.uid] = {
+                "series": se.uid,
+                "sop_class": inst.sop_class_uid,
+                "ts": inst.transfer_syntax,
+                "size": inst.size,
+                "manifest": manifest.digest.hex(),
+                "attrs": inst.attrs,
+            }
+    return {
+        "patient_key": study.patient_key,
+        "patient": patient.attrs if patient is not None else {},
+        "study": study.attrs,
+        "series": series,
+        "instances": instances,
+    }
+
+
+def holding(reader: Reader, study_uid: str, total: int | None = None) -> dict[str, Any] | None:
+    """This gateway's holding of a study: complete, partial (a swarm download in progress,
+    `total` instances expected), or None when it holds nothing of it."""
+    study = reader.study(study_uid)
+    pinned = reader.pinned(study_uid)
+    if study is None and not pinned:
+        return None
+    held = study.n_instances if study is not None else 0
+    size = study.bytes if study is not None else 0
+    downloading = reader.download(study_uid) is not None
+    state = "partial" if downloading else "complete"
+    return {"state": state, "instances": held, "of": total or held, "bytes": size}
