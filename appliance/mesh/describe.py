@@ -29,6 +29,9 @@ def describe_study(reader: Reader, study_uid: str) -> dict[str, Any] | None:
                 "size": inst.size,
                 "manifest": manifest.digest.hex(),
                 "attrs": inst.attrs,
+                # When this version entered the mesh: a swarm copy keeps the source's time
+                # (it becomes the copy's received_at), so replaced versions can be ordered.
+                "at": inst.received_at,
             }
     return {
         "patient_key": study.patient_key,

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from appliance.store.config import StoreConfig
 from appliance.store.db import Database
@@ -81,6 +82,12 @@ class Store:
 
         fut = self._writer.submit(apply)
         fut.add_done_callback(_log_background_failure)
+
+    def submit_write(self, fn: Callable[[WriteOps], Any]) -> concurrent.futures.Future:
+        """Queue `fn(ops)` (bookkeeping beside the index, e.g. the mesh catalog, written with
+        ops.txn / ops.t) for the next durable commit; the future gets its result. It claims no
+        quota (callers bound their own sizes) and announces nothing to commit listeners."""
+        return self._writer.submit(lambda ops, _budget: fn(ops))
 
     def add_commit_listener(self, listener: Callable[[set[str]], None]) -> None:
         """Call `listener(study UIDs)` on the writer thread after commits that changed them."""
