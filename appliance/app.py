@@ -19,6 +19,8 @@ import uvloop
 from appliance import __version__
 from appliance.config import Config
 from appliance.dicom.scp import DicomNodeServer
+from appliance.mesh.node import MeshNode
+from appliance.mesh.remote import RemoteReader
 from appliance.sdnotify import Notifier
 from appliance.store import Store, StoreError
 
@@ -40,11 +42,12 @@ def has_net_admin() -> bool:
 
 
 class Gateway:
-    """The running gateway: store and DICOM node (mesh, network and web join later)."""
+    """The running gateway: store, mesh and DICOM node (network and web join later)."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.store: Store | None = None
+        self.mesh: MeshNode | None = None
         self.dicom: DicomNodeServer | None = None
 
     async def start(self) -> None:
@@ -57,7 +60,14 @@ class Gateway:
                 "the DICOM node and the store run"
             )
         self.store = await loop.run_in_executor(None, Store, self.cfg.store, state / "store")
-        self.dicom = DicomNodeServer(self.cfg.dicom, self.store)
+        remote = None
+        if self.cfg.mesh.enabled:
+            self.mesh = MeshNode(self.cfg.mesh, state, self.store)
+            await self.mesh.start()
+            if self.cfg.mesh.list_remote_studies:
+                catalog = self.mesh.catalog
+                remote = lambda: RemoteReader(catalog)  # noqa: E731 (a fresh view per query)
+        self.dicom = DicomNodeServer(self.cfg.dicom, self.store, remote)
         await loop.run_in_executor(None, self.dicom.start)
 
     async def stop(self) -> None:
@@ -65,6 +75,9 @@ class Gateway:
         if self.dicom is not None:
             await loop.run_in_executor(None, self.dicom.stop)
             self.dicom = None
+        if self.mesh is not None:
+            await self.mesh.stop()
+            self.mesh = None
         if self.store is not None:
             await loop.run_in_executor(None, self.store.close)
             self.store = None

@@ -3,6 +3,7 @@ NOTIFY_SOCKET we listen on (the same protocol systemd uses)."""
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import socket
@@ -90,6 +91,15 @@ class Gateway:
         dicom.update(sections.pop("dicom", {}))
         config: dict[str, Any] = {"state_dir": str(self.state_dir), "dicom": dicom}
         config["log"] = {"level": "info", **sections.pop("log", {})}
+        # Each gateway gets its own mesh port and name, so several can run side by side.
+        mesh = {"port": free_port(), "name": f"gw-{self.port}", "address": LOOPBACK}
+        mesh.update(sections.pop("mesh", {}))
+        config["mesh"] = mesh
+        self.mesh_address, self.mesh_port, self.mesh_name = (
+            mesh["address"],
+            mesh["port"],
+            mesh["name"],
+        )
         config.update(sections)
         self.config_path = workdir / "dicomesh.toml"
         self.config_path.write_text(tomli_w.dumps(config))
@@ -142,6 +152,15 @@ class Gateway:
             self.stop()
             raise
         return self
+
+    def admit(self, other: Gateway, role: str = "clinic") -> None:
+        """Admit `other` as a mesh peer (as `dicomesh peer add` would)."""
+        subprocess.run(
+            [*DICOMESH, "peer", "--config", str(self.config_path), "add", other.mesh_name,
+             "--key", base64.b64encode(os.urandom(32)).decode(),
+             "--address", other.mesh_address, "--port", str(other.mesh_port), "--role", role],
+            check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+        )  # fmt: skip
 
     def find_images(self, study_uid: str, series_uid: str, sop_uid: str = "") -> list[Any]:
         """C-FIND (findscu, Study Root) of a series' instances, or one of them."""

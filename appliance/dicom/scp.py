@@ -12,7 +12,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -40,6 +40,7 @@ from pynetdicom.transport import AddressInformation, AssociationSocket, Threaded
 from appliance.dicom import fastpath, query, retrieve, status
 from appliance.dicom.config import DicomConfig, DicomNode
 from appliance.dicom.ingest import IngestError, prepare
+from appliance.dicom.sources import UnionReader
 from appliance.store import (
     CommitTimeout,
     PutOutcome,
@@ -112,9 +113,14 @@ class GatewayAE(AE):
 class DicomNodeServer:
     """Our DICOM listener: Verification, Storage, Query/Retrieve (FIND/GET/MOVE) SCPs."""
 
-    def __init__(self, cfg: DicomConfig, store: Store) -> None:
+    def __init__(
+        self, cfg: DicomConfig, store: Store, remote: Callable[[], Any] | None = None
+    ) -> None:
+        """`remote` makes a Reader-like view of studies held elsewhere (the mesh catalog);
+        C-FIND then lists them too."""
         self.cfg = cfg
         self.store = store
+        self.remote = remote
         self.stats = _Stats()
         self._ids = itertools.count(1)
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dicom-read")
@@ -308,7 +314,8 @@ class DicomNodeServer:
         try:
             q = query.parse(event.identifier, model)
             with self.store.reader() as reader:
-                rows = query.execute(q, reader)
+                source = reader if self.remote is None else UnionReader(reader, self.remote())
+                rows = query.execute(q, source)
         except query.QueryError as exc:
             log.info("C-FIND refused: 0x%04X %s", exc.status, exc.comment)
             yield exc.status, None

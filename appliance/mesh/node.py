@@ -1,0 +1,241 @@
+"""The mesh subsystem as the lifecycle runs it: peer registry, server, catalog sync and
+publishing of what this gateway holds. Runs on the asyncio loop; blocking store work goes
+to executors, store commit notifications arrive from the writer thread."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from appliance.mesh import protocol
+from appliance.mesh.catalog import Catalog, Change
+from appliance.mesh.catalog_model import Delta
+from appliance.mesh.client import PeerClient
+from appliance.mesh.config import MeshConfig
+from appliance.mesh.describe import describe_study, holding
+from appliance.mesh.errors import MeshError, PeerInputError
+from appliance.mesh.peers import PEERS_FILE, Peer, PeerRegistry
+from appliance.mesh.server import MeshServer
+from appliance.store import Store
+
+log = logging.getLogger(__name__)
+
+PULL_LIMIT = 1000
+REGISTRY_POLL_S = 2.0
+PUBLISH_DEBOUNCE_S = 1.0
+
+
+@dataclass
+class PeerState:
+    """What we know about an admitted peer's reachability."""
+
+    online: bool = False
+    last_seen: float = 0.0
+    last_error: str | None = None
+    pulls: int = 0
+
+
+class MeshNode:
+    """Runs the mesh for one gateway."""
+
+    def __init__(self, cfg: MeshConfig, state_dir: Path, store: Store) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.registry = PeerRegistry(state_dir / PEERS_FILE)
+        self.catalog = Catalog(store, cfg.name)
+        self.server = MeshServer(cfg, self.registry, store, extra_routes=self._routes)
+        self.peer_state: dict[str, PeerState] = {}
+        self._clients: dict[str, PeerClient] = {}
+        self._verifier = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mesh-verify")
+        self._dirty: set[str] = set()
+        self._dirty_event = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._spawned: set[asyncio.Future] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.registry.reload_if_changed()
+        await self.server.start()
+        self.store.add_commit_listener(self._on_commit)
+        self._tasks = [
+            asyncio.create_task(self._watch_registry(), name="mesh-registry"),
+            asyncio.create_task(self._publisher(), name="mesh-publisher"),
+            asyncio.create_task(self._sync_loop(), name="mesh-sync"),
+            asyncio.create_task(self._reconcile(), name="mesh-reconcile"),
+        ]
+        log.info(
+            "mesh %s (%s) listening on %s:%d, %d peer(s) admitted",
+            self.cfg.name, self.cfg.role, self.cfg.address, self.server.port,
+            len(self.registry.peers()),
+        )  # fmt: skip
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._spawned, return_exceptions=True)
+        self._tasks = []
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()
+        await self.server.stop()
+        self._verifier.shutdown(wait=False, cancel_futures=True)
+
+    # -- peers ---------------------------------------------------------------------------
+
+    def client(self, peer: Peer) -> PeerClient:
+        """The client for a peer (recreated when its registry entry changed)."""
+        current = self._clients.get(peer.name)
+        if current is None or current.peer != peer:
+            if current is not None:
+                self._background(current.close())
+            current = PeerClient(peer, self.cfg.address, self._verifier)
+            self._clients[peer.name] = current
+        return current
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._spawned.add(task)  # keep a reference until done (the loop holds only weak ones)
+        task.add_done_callback(self._spawned.discard)
+
+    def _seen(self, peer: Peer, error: str | None = None) -> None:
+        state = self.peer_state.setdefault(peer.name, PeerState())
+        online = error is None
+        if online != state.online:
+            if online:
+                log.info("peer %s is online", peer.name)
+            else:
+                log.info("peer %s is offline: %s", peer.name, error)
+        state.online = online
+        state.last_error = error
+        if online:
+            state.last_seen = time.time()
+
+    async def _watch_registry(self) -> None:
+        while True:
+            await asyncio.sleep(REGISTRY_POLL_S)
+            if self.registry.reload_if_changed():
+                admitted = {p.name for p in self.registry.peers()}
+                for name in list(self._clients):
+                    if name not in admitted:
+                        await self._clients.pop(name).close()
+                        self.peer_state.pop(name, None)
+
+    # -- catalog sync ----------------------------------------------------------------------
+
+    def _routes(self, app: web.Application) -> None:
+        app.router.add_post("/mesh/v1/catalog/pull", self._serve_pull)
+
+    async def _serve_pull(self, request: web.Request) -> web.Response:
+        body = protocol.decode_json(await request.read())
+        if not isinstance(body, dict):
+            raise PeerInputError("catalog pull: need an object")
+        limit = body.get("limit", PULL_LIMIT)
+        delta = await self.catalog.async_delta(body.get("vv", {}), min(int(limit), PULL_LIMIT))
+        return web.Response(body=protocol.encode_json(delta.to_wire()),
+                            content_type=protocol.JSON_TYPE)  # fmt: skip
+
+    async def pull_from(self, peer: Peer) -> int:
+        """Pull everything `peer` knows that we lack; returns the number of changed studies."""
+        client = self.client(peer)
+        changed = 0
+        for _ in range(10_000):  # bounded: each page advances the version vector
+            vv = await asyncio.get_running_loop().run_in_executor(None, self.catalog.version_vector)
+            answer = await client.post_json(
+                "/mesh/v1/catalog/pull", {"vv": vv, "limit": PULL_LIMIT}
+            )
+            delta = Delta.from_wire(answer)
+            if delta.entries:
+                changed += len(await self.catalog.async_apply(delta.entries))
+            if not delta.more:
+                break
+        return changed
+
+    async def sync_once(self) -> None:
+        """One anti-entropy round with every admitted peer (concurrently)."""
+        peers = self.registry.peers()
+        results = await asyncio.gather(*(self.pull_from(p) for p in peers), return_exceptions=True)
+        for peer, result in zip(peers, results, strict=True):
+            if isinstance(result, BaseException):
+                if not isinstance(result, MeshError):
+                    log.error("catalog pull from %s failed", peer.name, exc_info=result)
+                self._seen(peer, str(result))
+            else:
+                self._seen(peer)
+                state = self.peer_state[peer.name]
+                state.pulls += 1
+                if result:
+                    log.info("catalog: %d study entries changed from %s", result, peer.name)
+
+    async def _sync_loop(self) -> None:
+        while True:
+            try:
+                await self.sync_once()
+            except Exception:
+                log.exception("catalog sync round failed")
+            await asyncio.sleep(self.cfg.sync_interval_s)
+
+    # -- publishing what we hold ----------------------------------------------------------
+
+    def _on_commit(self, studies: set[str]) -> None:
+        """Writer thread: studies changed; publish them from the loop (debounced)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.mark_dirty, studies)
+
+    def mark_dirty(self, studies: set[str]) -> None:
+        self._dirty |= studies
+        self._dirty_event.set()
+
+    async def _publisher(self) -> None:
+        while True:
+            await self._dirty_event.wait()
+            # Debounce: a study arriving instance by instance is republished once a second,
+            # not once per instance.
+            await asyncio.sleep(PUBLISH_DEBOUNCE_S)
+            self._dirty_event.clear()
+            studies, self._dirty = self._dirty, set()
+            try:
+                await self.publish(studies)
+            except Exception:
+                log.exception("publishing %d studies to the catalog failed", len(studies))
+                self.mark_dirty(studies)  # retry on the next round
+
+    async def publish(self, studies: set[str], totals: dict[str, int] | None = None) -> None:
+        """Publish this gateway's description and holding of these studies."""
+        loop = asyncio.get_running_loop()
+        changes = await loop.run_in_executor(None, self._describe, sorted(studies), totals or {})
+        if changes:
+            await self.catalog.async_publish_all(changes)
+
+    def _describe(self, studies: list[str], totals: dict[str, int]) -> list[Change]:
+        changes: list[Change] = []
+        with self.store.reader() as r:
+            for uid in studies:
+                changes.append(("desc", uid, describe_study(r, uid)))
+                changes.append(("hold", uid, holding(r, uid, totals.get(uid))))
+        return changes
+
+    async def _reconcile(self) -> None:
+        """At start: publish every locally held study, withdraw what we no longer hold."""
+        loop = asyncio.get_running_loop()
+        local, published = await loop.run_in_executor(None, self._local_and_published)
+        stale = set(published) - local
+        pending = sorted(local | stale)
+        for i in range(0, len(pending), 50):
+            await self.publish(set(pending[i : i + 50]))
+        if pending:
+            log.info("catalog: published %d local studies, withdrew %d", len(local), len(stale))
+
+    def _local_and_published(self) -> tuple[set[str], dict[str, Any]]:
+        with self.store.reader() as r:
+            local = {s.uid for s in r.studies()}
+        return local, self.catalog.held_by(self.cfg.name)
