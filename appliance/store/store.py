@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance.store.chunking import EncodedChunk
 from appliance.store.config import StoreConfig
 from appliance.store.db import Database
 from appliance.store.errors import CommitTimeout, StoreClosed
-from appliance.store.index import PutOutcome, Reader, WriteOps
+from appliance.store.index import PutOutcome, Reader, SpaceNeed, WriteOps
 from appliance.store.records import IncomingInstance
 from appliance.store.writer import Limits, SpaceBudget, Writer
 
@@ -82,6 +83,32 @@ class Store:
 
         fut = self._writer.submit(apply)
         fut.add_done_callback(_log_background_failure)
+
+    # -- swarm downloads -------------------------------------------------------------------
+
+    def submit_pins(self, study_uid: str, chunks: list[EncodedChunk]) -> concurrent.futures.Future:
+        """Store downloaded, verified chunks for `study_uid`'s download (durable, servable to
+        other gateways at once); space is checked like an instance's. Future -> new pins."""
+
+        def apply(ops: WriteOps, budget: SpaceBudget) -> int:
+            fresh = [c for c in chunks if ops.txn.get(c.ref.digest, db=ops.t.chunk_refs) is None]
+            budget.claim(SpaceNeed(sum(len(c.stored or b"") for c in fresh)))
+            return sum(ops.pin_chunk(study_uid, c) for c in chunks)
+
+        weight = sum(len(c.stored or b"") for c in chunks)
+        return self._writer.submit(apply, weight=weight)
+
+    def submit_download(self, study_uid: str, record: bytes | None) -> concurrent.futures.Future:
+        """Record a download in progress (bytes), or finish it (None): its pins are released
+        and chunks no instance uses are dropped. Commit listeners hear of the study."""
+
+        def apply(ops: WriteOps, _budget: SpaceBudget) -> int:
+            if record is None:
+                return ops.unpin_study(study_uid)
+            ops.set_download(study_uid, record)
+            return 0
+
+        return self._writer.submit(apply, studies=(study_uid,))
 
     def submit_write(self, fn: Callable[[WriteOps], Any]) -> concurrent.futures.Future:
         """Queue `fn(ops)` (bookkeeping beside the index, e.g. the mesh catalog, written with
