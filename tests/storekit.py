@@ -148,6 +148,8 @@ def audit(store: Store) -> list[str]:
         expected_refs: Counter[bytes] = Counter()
         for m in manifests.values():
             expected_refs.update(c.digest for c in m.chunks)
+        # Chunks pinned by swarm downloads in progress hold a reference each too.
+        expected_refs.update(digest for _study, digest in rows(t.download_pins))
         refs = {k: REF.unpack(v)[0] for k, v in rows(t.chunk_refs)}
         chunk_keys = {k for k, _ in rows(t.chunks)}
         if refs != dict(expected_refs):

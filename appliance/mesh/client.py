@@ -109,7 +109,8 @@ class PeerClient:
         self, digests: list[bytes], on_bytes: Callable[[int], None], *, zstd: bool = True
     ) -> AsyncIterator[Fetched]:
         """Stream a batch: yields each chunk (verified off the event loop) as it completes;
-        `on_bytes` sees payload bytes as they arrive. Raises FetchError if the exchange fails."""
+        `on_bytes` sees progress as it arrives, in chunk (uncompressed) bytes: a chunk's
+        whole size is reported before it is yielded. Raises FetchError if the exchange fails."""
         body = protocol.encode_chunk_request(digests, zstd=zstd)
         try:
             async with self.session.post(
@@ -131,13 +132,20 @@ class PeerClient:
             return Fetched(digest, None, missing=True, wire_bytes=len(header))
         parts = []
         left = length
+        reported = 0
         while left:
             piece = await content.read(min(left, _READ_PIECE))
             if not piece:
                 raise asyncio.IncompleteReadError(b"", left)
             parts.append(piece)
             left -= len(piece)
-            on_bytes(len(piece))
+            # Progress in chunk bytes: a compressed chunk counts its share of the raw size.
+            due = raw_size * (length - left) // length
+            if due > reported:
+                on_bytes(due - reported)
+                reported = due
+        if raw_size > reported:
+            on_bytes(raw_size - reported)
         payload = b"".join(parts)
         loop = asyncio.get_running_loop()
         ok = await loop.run_in_executor(self._verifier, _verify, digest, codec, raw_size, payload)

@@ -3,6 +3,7 @@ built from the local index (see catalog.py for the formats)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from appliance.store.index import Reader
@@ -42,15 +43,17 @@ def describe_study(reader: Reader, study_uid: str) -> dict[str, Any] | None:
     }
 
 
-def holding(reader: Reader, study_uid: str, total: int | None = None) -> dict[str, Any] | None:
-    """This gateway's holding of a study: complete, partial (a swarm download in progress,
-    `total` instances expected), or None when it holds nothing of it."""
+def holding(reader: Reader, study_uid: str) -> dict[str, Any] | None:
+    """This gateway's holding of a study: complete, partial (a swarm download in progress:
+    some instances and pinned chunks), or None when it holds nothing of it."""
     study = reader.study(study_uid)
     pinned = reader.pinned(study_uid)
     if study is None and not pinned:
         return None
     held = study.n_instances if study is not None else 0
     size = study.bytes if study is not None else 0
-    downloading = reader.download(study_uid) is not None
-    state = "partial" if downloading else "complete"
-    return {"state": state, "instances": held, "of": total or held, "bytes": size}
+    record = reader.download(study_uid)
+    if record is None:
+        return {"state": "complete", "instances": held, "of": held, "bytes": size}
+    total = json.loads(record).get("of", held)
+    return {"state": "partial", "instances": held, "of": max(total, held), "bytes": size}

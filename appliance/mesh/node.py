@@ -23,6 +23,7 @@ from appliance.mesh.describe import describe_study, holding
 from appliance.mesh.errors import MeshError, PeerInputError
 from appliance.mesh.peers import PEERS_FILE, Peer, PeerRegistry
 from appliance.mesh.server import MeshServer
+from appliance.mesh.swarm.download import DownloadError, DownloadState, StudyDownload
 from appliance.store import Store
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class MeshNode:
         self._dirty_event = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._spawned: set[asyncio.Future] = set()
+        self._downloads: dict[str, StudyDownload] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -72,6 +74,7 @@ class MeshNode:
             asyncio.create_task(self._publisher(), name="mesh-publisher"),
             asyncio.create_task(self._sync_loop(), name="mesh-sync"),
             asyncio.create_task(self._reconcile(), name="mesh-reconcile"),
+            asyncio.create_task(self._resume_downloads(), name="mesh-resume"),
         ]
         log.info(
             "mesh %s (%s) listening on %s:%d, %d peer(s) admitted",
@@ -184,6 +187,67 @@ class MeshNode:
                 log.exception("catalog sync round failed")
             await asyncio.sleep(self.cfg.sync_interval_s)
 
+    # -- swarm downloads --------------------------------------------------------------------
+
+    def fetch(self, study_uid: str) -> DownloadState:
+        """Start, or join, the swarm download of a study (loop side)."""
+        running = self._downloads.get(study_uid)
+        if running is not None and not running.state.finished:
+            return running.state
+        download = StudyDownload(
+            study_uid,
+            cfg=self.cfg,
+            store=self.store,
+            catalog=self.catalog,
+            registry=self.registry,
+            client=self.client,
+            io=self._verifier,
+        )
+        self._downloads[study_uid] = download
+        self._background(self._run_download(download))
+        return download.state
+
+    def fetch_threadsafe(self, study_uid: str, timeout: float = 30.0) -> DownloadState:
+        """fetch() for threads (DICOM handlers): the state to watch with wait_change()."""
+        assert self._loop is not None
+
+        async def start() -> DownloadState:
+            return self.fetch(study_uid)
+
+        return asyncio.run_coroutine_threadsafe(start(), self._loop).result(timeout)
+
+    async def _run_download(self, download: StudyDownload) -> None:
+        started = time.monotonic()
+        try:
+            state = await download.run()
+        except DownloadError as exc:
+            log.warning("fetch %s failed: %s", download.study_uid, exc)
+            return
+        except Exception:
+            log.exception("fetch %s failed", download.study_uid)
+            return
+        progress = state.progress
+        log.info(
+            "fetch %s done: %d instance(s), %.1f MB in %.1f s",
+            download.study_uid,
+            len(state.instances_done),
+            (progress.bytes_total if progress else 0) / 1e6,
+            time.monotonic() - started,
+        )
+
+    async def _resume_downloads(self) -> None:
+        """Downloads interrupted by a restart carry on (verified chunks are kept)."""
+        loop = asyncio.get_running_loop()
+        pending = await loop.run_in_executor(None, self._pending_downloads)
+        await asyncio.sleep(self.cfg.sync_interval_s)  # first catalog round first
+        for study_uid in pending:
+            log.info("resuming fetch %s", study_uid)
+            self.fetch(study_uid)
+
+    def _pending_downloads(self) -> list[str]:
+        with self.store.reader() as r:
+            return r.downloads()
+
     # -- publishing what we hold ----------------------------------------------------------
 
     def _on_commit(self, studies: set[str]) -> None:
@@ -209,19 +273,19 @@ class MeshNode:
                 log.exception("publishing %d studies to the catalog failed", len(studies))
                 self.mark_dirty(studies)  # retry on the next round
 
-    async def publish(self, studies: set[str], totals: dict[str, int] | None = None) -> None:
+    async def publish(self, studies: set[str]) -> None:
         """Publish this gateway's description and holding of these studies."""
         loop = asyncio.get_running_loop()
-        changes = await loop.run_in_executor(None, self._describe, sorted(studies), totals or {})
+        changes = await loop.run_in_executor(None, self._describe, sorted(studies))
         if changes:
             await self.catalog.async_publish_all(changes)
 
-    def _describe(self, studies: list[str], totals: dict[str, int]) -> list[Change]:
+    def _describe(self, studies: list[str]) -> list[Change]:
         changes: list[Change] = []
         with self.store.reader() as r:
             for uid in studies:
                 changes.append(("desc", uid, describe_study(r, uid)))
-                changes.append(("hold", uid, holding(r, uid, totals.get(uid))))
+                changes.append(("hold", uid, holding(r, uid)))
         return changes
 
     async def _reconcile(self) -> None:

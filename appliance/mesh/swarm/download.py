@@ -1,0 +1,417 @@
+"""The swarm downloader's asyncio adapter: drives the I/O-free Scheduler (core.py) with real
+fetches, verifies and pins every chunk durably in the store as it lands (so partial data is
+served to others and survives a restart), and commits each instance as soon as its last
+chunk is stored, so DICOM retrievals can stream instances while the rest is still coming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from appliance.mesh.catalog import Catalog
+from appliance.mesh.catalog_model import StudyView
+from appliance.mesh.client import FetchError, PeerClient
+from appliance.mesh.config import MeshConfig
+from appliance.mesh.errors import MeshError, PeerInputError
+from appliance.mesh.peers import Peer, PeerRegistry
+from appliance.mesh.swarm.core import Cancel, PeerCutOff, Progress, Request, Scheduler, SwarmConfig
+from appliance.store import IncomingInstance, LevelAttrs, Manifest, Store, StoreError
+from appliance.store.chunking import Codec, EncodedChunk, decode
+
+log = logging.getLogger(__name__)
+
+# How often partial holders are asked again what they hold.
+PARTIAL_REFRESH_S = 2.0
+# Give up when no usable path made progress for this long (peers gone); the record stays, so
+# the download resumes when asked again or at the next start.
+NO_PROGRESS_LIMIT_S = 120.0
+MANIFEST_BATCH = 1024
+_HAVE_BATCH = 8192
+
+
+class DownloadError(MeshError):
+    """The study cannot be downloaded now (nobody holds it, store full, peers gone)."""
+
+
+@dataclass
+class DownloadState:
+    """What watchers of a download see (progress bars, C-MOVE pending responses). Updated on
+    the loop; loop-side watchers await `changed`, thread-side ones call `wait_change`."""
+
+    study_uid: str
+    instances_total: int = 0
+    instances_done: list[str] = field(default_factory=list)  # SOP UIDs, in completion order
+    progress: Progress | None = None
+    error: str | None = None
+    finished: bool = False
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+    _version: int = 0
+
+    def notify(self) -> None:
+        self.changed.set()
+        with self._cond:
+            self._version += 1
+            self._cond.notify_all()
+
+    def wait_change(self, seen: int, timeout: float) -> int:
+        """Thread side: wait until the state changed after version `seen`; the new version."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._version != seen, timeout)
+            return self._version
+
+
+@dataclass
+class _Instance:
+    view_uid: str
+    manifest: Manifest
+    missing: set[bytes]  # chunk digests not yet durably stored
+
+
+class StudyDownload:
+    """Fetches one study into the local store from the gateways holding it."""
+
+    def __init__(
+        self,
+        study_uid: str,
+        *,
+        cfg: MeshConfig,
+        store: Store,
+        catalog: Catalog,
+        registry: PeerRegistry,
+        client: Callable[[Peer], PeerClient],
+        io: Executor,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.study_uid = study_uid
+        self.cfg = cfg
+        self.store = store
+        self.catalog = catalog
+        self.registry = registry
+        self.client = client
+        self.io = io
+        self.clock = clock
+        self.state = DownloadState(study_uid)
+        self._wake = asyncio.Event()
+        self._fetches: dict[int, asyncio.Task] = {}
+        self._writes: set[asyncio.Task] = set()
+        self._instances: dict[str, _Instance] = {}
+        self._by_chunk: dict[bytes, list[str]] = {}
+        self._view: StudyView | None = None
+        self._sched: Scheduler | None = None
+        self._failure: BaseException | None = None
+
+    # -- the whole download --------------------------------------------------------------
+
+    async def run(self) -> DownloadState:
+        try:
+            await self._run()
+        except BaseException as exc:
+            self.state.error = str(exc) or exc.__class__.__name__
+            raise
+        finally:
+            for task in [*self._fetches.values(), *self._writes]:
+                task.cancel()
+            await asyncio.gather(*self._fetches.values(), *self._writes, return_exceptions=True)
+            self.state.finished = True
+            self.state.notify()
+        return self.state
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        view = await loop.run_in_executor(self.io, self.catalog.view, self.study_uid)
+        if not view.described:
+            raise DownloadError(f"study {self.study_uid} is not in the mesh catalog")
+        self._view = view
+        self.state.instances_total = len(view.instances)
+        holders = self._holders(view)
+        record = await loop.run_in_executor(self.io, self._load_record)
+        manifests = dict(record.get("manifests", {}))
+        done_local = await loop.run_in_executor(self.io, self._locally_complete, view)
+        wanted = [sop for sop in view.instances if sop not in done_local]
+        self.state.instances_done.extend(done_local)
+        self.state.notify()
+        if not wanted:
+            await self._finish(record_exists=bool(record))
+            return
+        if not holders:
+            raise DownloadError(f"no admitted gateway holds study {self.study_uid}")
+        missing = [sop for sop in wanted if sop not in manifests]
+        if missing:
+            manifests.update(await self._fetch_manifests(holders, missing))
+        record = {"started": record.get("started", time.time()), "of": len(view.instances),
+                  "manifests": manifests}  # fmt: skip
+        await asyncio.wrap_future(
+            self.store.submit_download(self.study_uid, json.dumps(record).encode())
+        )
+        stored = await loop.run_in_executor(self.io, self._prepare, manifests, wanted)
+        for sop in [s for s, inst in self._instances.items() if not inst.missing]:
+            await self._complete(sop)
+        if self._instances:
+            await self._swarm(holders, stored)
+        await self._finish(record_exists=True)
+
+    def _holders(self, view: StudyView) -> list[tuple[Peer, bool]]:
+        """Admitted peers holding (part of) the study, complete holders first."""
+        found = []
+        for origin, hold in view.holders.items():
+            peer = self.registry.get(origin)
+            if origin != self.cfg.name and peer is not None:
+                found.append((peer, hold.get("state") == "complete"))
+        return sorted(found, key=lambda h: (not h[1], h[0].name))
+
+    def _load_record(self) -> dict:
+        with self.store.reader() as r:
+            raw = r.download(self.study_uid)
+        return json.loads(raw) if raw else {}
+
+    def _locally_complete(self, view: StudyView) -> list[str]:
+        done = []
+        with self.store.reader() as r:
+            for sop, inst in view.instances.items():
+                manifest = r.manifest(sop)
+                if manifest is not None and manifest.digest == inst.manifest:
+                    done.append(sop)
+        return done
+
+    async def _fetch_manifests(
+        self, holders: list[tuple[Peer, bool]], sops: list[str]
+    ) -> dict[str, str]:
+        """Manifests from holders (complete ones first), each verified against the digest
+        the catalog carries for it."""
+        assert self._view is not None
+        found: dict[str, str] = {}
+        for peer, _complete in holders:
+            todo = [s for s in sops if s not in found]
+            if not todo:
+                break
+            for i in range(0, len(todo), MANIFEST_BATCH):
+                try:
+                    got = await self.client(peer).manifests(todo[i : i + MANIFEST_BATCH])
+                except (FetchError, PeerInputError) as exc:
+                    log.info("[%s] manifests from %s failed: %s", self._tag, peer.name, exc)
+                    break
+                for sop, text in got.items():
+                    expected = self._view.instances.get(sop)
+                    digest = hashlib.sha256(text.encode()).digest()
+                    if expected is None or digest != expected.manifest:
+                        log.warning("[%s] %s sent a manifest not matching the catalog for %s",
+                                    self._tag, peer.name, sop)  # fmt: skip
+                        continue
+                    found[sop] = text
+        lacking = [s for s in sops if s not in found]
+        if lacking:
+            raise DownloadError(f"no holder could give the manifests of {len(lacking)} instances")
+        return found
+
+    def _prepare(self, manifests: dict[str, str], wanted: list[str]) -> set[bytes]:
+        """Instances to complete and the chunks already stored (a resumed download)."""
+        stored: set[bytes] = set()
+        with self.store.reader() as r:
+            for sop in wanted:
+                manifest = Manifest.decode(manifests[sop].encode())
+                digests = {c.digest for c in manifest.chunks}
+                held = {d for d in digests if r.chunk(d) is not None}
+                stored |= held
+                self._instances[sop] = _Instance(sop, manifest, digests - held)
+                for d in digests - held:
+                    self._by_chunk.setdefault(d, []).append(sop)
+        return stored
+
+    # -- the swarm --------------------------------------------------------------------------
+
+    async def _swarm(self, holders: list[tuple[Peer, bool]], stored: set[bytes]) -> None:
+        sizes = {
+            c.digest: c.size for inst in self._instances.values() for c in inst.manifest.chunks
+        }
+        seed = int.from_bytes(
+            hashlib.sha256(f"{self.cfg.name}/{self.study_uid}".encode()).digest()[:4]
+        )
+        sched = Scheduler(sizes, have=stored, config=SwarmConfig.from_mesh(self.cfg, seed=seed))
+        self._sched = sched
+        now = self.clock()
+        partial = []
+        for peer, complete in holders:
+            sched.set_peer_chunks(peer.name, None if complete else (), now)
+            sched.add_path(self._path(peer), peer.name, now)
+            if not complete:
+                partial.append(peer)
+        await self._refresh_partial(partial)
+        next_refresh = self.clock() + PARTIAL_REFRESH_S
+        last_progress = (self.clock(), 0)
+        while self._instances:
+            if self._failure is not None:
+                raise self._failure
+            now = self.clock()
+            for action in sched.actions(now):
+                self._act(action)
+            progress = sched.progress(now)
+            self.state.progress = progress
+            self.state.notify()
+            if progress.bytes_done > last_progress[1]:
+                last_progress = (now, progress.bytes_done)
+            elif now - last_progress[0] > NO_PROGRESS_LIMIT_S:
+                raise DownloadError("no progress from any holder for 120 s")
+            if partial and now >= next_refresh:
+                await self._refresh_partial(partial)
+                next_refresh = self.clock() + PARTIAL_REFRESH_S
+            deadline = sched.next_deadline()
+            timeout = PARTIAL_REFRESH_S if deadline is None else max(0.0, deadline - now)
+            timeout = min(timeout, PARTIAL_REFRESH_S)
+            if not self._wake.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+            self._wake.clear()
+        self.state.progress = sched.progress(self.clock())
+
+    def _path(self, peer: Peer) -> str:
+        # One path per peer until the network stage adds uplinks: (peer, uplink).
+        return f"{peer.name}/default"
+
+    async def _refresh_partial(self, peers: list[Peer]) -> None:
+        """Ask partial holders which of the chunks we still need they hold now."""
+        assert self._sched is not None
+        needed = [d for d in self._by_chunk]
+        for peer in peers:
+            held: set[bytes] = set()
+            try:
+                for i in range(0, len(needed), _HAVE_BATCH):
+                    part = needed[i : i + _HAVE_BATCH]
+                    bits = await self.client(peer).have([d[:8] for d in part])
+                    held.update(d for d, bit in zip(part, bits, strict=True) if bit)
+            except (FetchError, PeerInputError) as exc:
+                log.debug("[%s] have from %s failed: %s", self._tag, peer.name, exc)
+                continue
+            self._sched.set_peer_chunks(peer.name, held, self.clock())
+        self._wake.set()
+
+    def _act(self, action: Request | Cancel | PeerCutOff) -> None:
+        if isinstance(action, Request):
+            peer = self.registry.get(action.path.split("/", 1)[0])
+            if peer is None:  # revoked meanwhile: the request ends at once
+                assert self._sched is not None
+                self._sched.on_request_end(action.id, self.clock(), "peer revoked")
+                self._wake.set()
+                return
+            self._fetches[action.id] = asyncio.create_task(self._fetch(action, peer))
+        elif isinstance(action, Cancel):
+            task = self._fetches.pop(action.id, None)
+            if task is not None:
+                task.cancel()
+        else:
+            left = action.until - self.clock()
+            log.warning("[%s] peer %s sent %d corrupt chunks: not used for %.0f s",
+                        self._tag, action.peer, action.strikes, left)  # fmt: skip
+
+    async def _fetch(self, req: Request, peer: Peer) -> None:
+        sched = self._sched
+        assert sched is not None
+
+        def on_bytes(n: int) -> None:
+            sched.on_bytes(req.id, n, self.clock())
+
+        error: str | None = None
+        try:
+            async for fetched in self.client(peer).fetch_chunks(list(req.chunks), on_bytes):
+                if fetched.chunk is not None:
+                    self._store(fetched.chunk)
+                    sched.on_chunk(req.id, fetched.digest, True, self.clock())
+                elif fetched.corrupt:
+                    log.info("[%s] corrupt chunk %s from %s",
+                             self._tag, fetched.digest.hex()[:16], peer.name)  # fmt: skip
+                    sched.on_chunk(req.id, fetched.digest, False, self.clock())
+                self._wake.set()
+        except (FetchError, PeerInputError) as exc:
+            error = str(exc)
+        finally:
+            self._fetches.pop(req.id, None)
+        sched.on_request_end(req.id, self.clock(), error)
+        self._wake.set()
+
+    def _store(self, chunk: EncodedChunk) -> None:
+        """Pin a verified chunk durably; complete the instances it was the last one of."""
+
+        async def write() -> None:
+            try:
+                await asyncio.wrap_future(self.store.submit_pins(self.study_uid, [chunk]))
+            except StoreError as exc:
+                self._failure = DownloadError(f"cannot store chunks: {exc}")
+                self._wake.set()
+                return
+            for sop in self._by_chunk.pop(chunk.ref.digest, []):
+                inst = self._instances.get(sop)
+                if inst is None:
+                    continue
+                inst.missing.discard(chunk.ref.digest)
+                if not inst.missing:
+                    await self._complete(sop)
+
+        task = asyncio.create_task(write())
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _complete(self, sop: str) -> None:
+        """Index an instance whose chunks are all stored, after checking its whole hash."""
+        assert self._view is not None
+        inst = self._instances.pop(sop)
+        view = self._view.instances[sop]
+        loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(self.io, self._whole_hash_ok, inst.manifest):
+            self._failure = DownloadError(f"instance {sop}: chunks do not add up to its hash")
+            self._wake.set()
+            return
+        incoming = IncomingInstance(
+            manifest=inst.manifest,
+            chunks=tuple(EncodedChunk(ref, Codec.RAW, None) for ref in inst.manifest.chunks),
+            study_uid=self.study_uid,
+            series_uid=view.series_uid,
+            patient_key=self._view.patient_key,
+            attrs=LevelAttrs(
+                patient=self._view.patient,
+                study=self._view.study,
+                series=self._view.series.get(view.series_uid, {}),
+                instance=view.attrs,
+            ),
+            calling_ae="",
+            received_at=view.at or time.time(),
+        )
+        try:
+            await asyncio.wrap_future(self.store.submit_instance(incoming))
+        except StoreError as exc:
+            self._failure = DownloadError(f"cannot store instance {sop}: {exc}")
+            self._wake.set()
+            return
+        self.state.instances_done.append(sop)
+        self.state.notify()
+        self._wake.set()
+
+    def _whole_hash_ok(self, manifest: Manifest) -> bool:
+        sha = hashlib.sha256()
+        with self.store.reader() as r:
+            for ref in manifest.chunks:
+                found = r.chunk(ref.digest)
+                if found is None:
+                    return False
+                sha.update(decode(found[0], found[1], ref.size))
+        return sha.digest() == manifest.sha256
+
+    async def _finish(self, record_exists: bool) -> None:
+        while self._writes:
+            await asyncio.gather(*list(self._writes))
+        if self._failure is not None:
+            raise self._failure
+        if record_exists:
+            await asyncio.wrap_future(self.store.submit_download(self.study_uid, None))
+
+    @property
+    def _tag(self) -> str:
+        return f"fetch {self.study_uid}"
