@@ -81,6 +81,10 @@ class RateMeter:
             self.measured = True
             self._bytes = 0
             self._time = 0.0
+        elif not self.measured and self._time >= self._window / 4:
+            # A fast new path must not wait a full window on the initial guess: with a long
+            # round trip its queue would run dry before the first refill arrives.
+            self.rate = max(self.rate, self._bytes / self._time)
 
     def pause(self) -> None:
         """The path ran out of work: stop the clock until bytes flow again."""
