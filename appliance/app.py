@@ -21,6 +21,7 @@ from appliance.config import Config
 from appliance.dicom.scp import DicomNodeServer
 from appliance.mesh.node import MeshNode
 from appliance.mesh.remote import RemoteReader
+from appliance.mesh.swarm.download import DownloadState
 from appliance.sdnotify import Notifier
 from appliance.store import Store, StoreError
 
@@ -39,6 +40,20 @@ def has_net_admin() -> bool:
     except OSError:
         pass
     return os.geteuid() == 0
+
+
+class _DicomMeshAccess:
+    """The mesh as the DICOM node sees it (appliance.dicom.sources.MeshAccess)."""
+
+    def __init__(self, mesh: MeshNode, list_remote: bool) -> None:
+        self._mesh = mesh
+        self.list_remote = list_remote
+
+    def remote_reader(self) -> RemoteReader:
+        return RemoteReader(self._mesh.catalog)
+
+    def fetch(self, study_uid: str) -> DownloadState:
+        return self._mesh.fetch_threadsafe(study_uid)
 
 
 class Gateway:
@@ -60,14 +75,12 @@ class Gateway:
                 "the DICOM node and the store run"
             )
         self.store = await loop.run_in_executor(None, Store, self.cfg.store, state / "store")
-        remote = None
+        access = None
         if self.cfg.mesh.enabled:
             self.mesh = MeshNode(self.cfg.mesh, state, self.store)
             await self.mesh.start()
-            if self.cfg.mesh.list_remote_studies:
-                catalog = self.mesh.catalog
-                remote = lambda: RemoteReader(catalog)  # noqa: E731 (a fresh view per query)
-        self.dicom = DicomNodeServer(self.cfg.dicom, self.store, remote)
+            access = _DicomMeshAccess(self.mesh, self.cfg.mesh.list_remote_studies)
+        self.dicom = DicomNodeServer(self.cfg.dicom, self.store, access)
         await loop.run_in_executor(None, self.dicom.start)
 
     async def stop(self) -> None:

@@ -12,8 +12,8 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -38,9 +38,11 @@ from pynetdicom.sop_class import (
 from pynetdicom.transport import AddressInformation, AssociationSocket, ThreadedAssociationServer
 
 from appliance.dicom import fastpath, query, retrieve, status
+from appliance.dicom.arrivals import END, WAIT, Arrivals, Failed
 from appliance.dicom.config import DicomConfig, DicomNode
+from appliance.dicom.fastpath import RawInstance
 from appliance.dicom.ingest import IngestError, prepare
-from appliance.dicom.sources import UnionReader
+from appliance.dicom.sources import MeshAccess, UnionReader
 from appliance.store import (
     CommitTimeout,
     PutOutcome,
@@ -113,14 +115,12 @@ class GatewayAE(AE):
 class DicomNodeServer:
     """Our DICOM listener: Verification, Storage, Query/Retrieve (FIND/GET/MOVE) SCPs."""
 
-    def __init__(
-        self, cfg: DicomConfig, store: Store, remote: Callable[[], Any] | None = None
-    ) -> None:
-        """`remote` makes a Reader-like view of studies held elsewhere (the mesh catalog);
-        C-FIND then lists them too."""
+    def __init__(self, cfg: DicomConfig, store: Store, mesh: MeshAccess | None = None) -> None:
+        """With `mesh`, C-FIND also lists studies held elsewhere (if it says so) and
+        C-GET/C-MOVE fetch what is not held here from the mesh as they send."""
         self.cfg = cfg
         self.store = store
-        self.remote = remote
+        self.mesh = mesh
         self.stats = _Stats()
         self._ids = itertools.count(1)
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dicom-read")
@@ -314,7 +314,8 @@ class DicomNodeServer:
         try:
             q = query.parse(event.identifier, model)
             with self.store.reader() as reader:
-                source = reader if self.remote is None else UnionReader(reader, self.remote())
+                listed = self.mesh is not None and self.mesh.list_remote
+                source = UnionReader(reader, self.mesh.remote_reader()) if listed else reader
                 rows = query.execute(q, source)
         except query.QueryError as exc:
             log.info("C-FIND refused: 0x%04X %s", exc.status, exc.comment)
@@ -380,23 +381,55 @@ class DicomNodeServer:
 
     def _resolve(self, identifier: Dataset, model: str) -> list[retrieve.Item]:
         with self.store.reader() as reader:
-            return retrieve.resolve(identifier, model, reader)
+            source = reader if self.mesh is None else UnionReader(reader, self.mesh.remote_reader())
+            return retrieve.resolve(identifier, model, source)
+
+    def _arrivals(self, items: list[retrieve.Item]) -> Arrivals:
+        """Instances held here first; the others are fetched from the mesh (one swarm
+        download per study, shared with other requests for it) and follow as they land."""
+        with self.store.reader() as reader:
+            local = [i for i in items if reader.instance(i.uid) is not None]
+        held = {i.uid for i in local}
+        remote = [i for i in items if i.uid not in held]
+        downloads = []
+        if remote and self.mesh is not None:
+            for study in sorted({i.study_uid for i in remote}):
+                log.info("fetching study %s from the mesh for a retrieval", study)
+                downloads.append(self.mesh.fetch(study))
+        return Arrivals(local, remote, downloads)
+
+    def _load(self, got: retrieve.Item | Failed) -> Future:
+        if isinstance(got, Failed):
+            done: Future = Future()
+            item = got.item
+            done.set_result(RawInstance(None, item.sop_class_uid, item.uid, item.transfer_syntax))
+            return done
+        return self._readers.submit(retrieve.load, self.store, got)
 
     def _send(self, event: evt.Event, items: list[retrieve.Item]) -> Iterator[Any]:
         started = time.monotonic()
-        # Read and verify instance N+1 (LMDB read + SHA-256, ~1 ms per CT slice) while N is on
-        # the wire; hashlib and LMDB reads release the GIL.
-        ahead = self._readers.submit(retrieve.load, self.store, items[0]) if items else None
-        for n in range(len(items)):
+        arrivals = self._arrivals(items)
+        # Read and verify the next instance (LMDB read + SHA-256, ~1 ms per CT slice) while
+        # one is on the wire; hashlib and LMDB reads release the GIL.
+        current: Future | None = None
+        while True:
             if event.is_cancelled:
                 yield status.CANCEL, None
                 return
-            assert ahead is not None
-            instance = ahead.result()
-            if n + 1 < len(items):
-                ahead = self._readers.submit(retrieve.load, self.store, items[n + 1])
+            if current is None:
+                got = arrivals.next(block=True)
+                if got is END:
+                    break
+                if got is WAIT:
+                    continue
+                current = self._load(got)  # type: ignore[arg-type]
+            instance = current.result()
+            following = arrivals.next(block=False)
+            current = None if following in (WAIT, END) else self._load(following)  # type: ignore[arg-type]
             yield status.PENDING, instance
-        self.store.record_access(item.study_uid for item in items)
+            if following is END:
+                break
+        self.store.record_access({item.study_uid for item in items})
         log.info(
             "[%s] %d instance(s) retrieved in %.1f s",
             getattr(event.assoc, "dicomesh_id", "-"),

@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from appliance.store.records import InstanceRecord, PatientRecord, SeriesRecord, StudyRecord
+
+
+class MeshAccess(Protocol):
+    """What the DICOM node uses of the mesh (wired by app.py)."""
+
+    list_remote: bool  # C-FIND lists studies held only elsewhere
+
+    def remote_reader(self) -> Any:
+        """A Reader-like view of the studies other gateways hold."""
+
+    def fetch(self, study_uid: str) -> Any:
+        """Thread side: start or join a study's swarm download; an arrivals.Download."""
 
 
 class UnionReader:
