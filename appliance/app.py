@@ -18,6 +18,7 @@ import uvloop
 
 from appliance import __version__
 from appliance.config import Config
+from appliance.control import ControlServer
 from appliance.dicom.scp import DicomNodeServer
 from appliance.mesh.node import MeshNode
 from appliance.mesh.remote import RemoteReader
@@ -63,6 +64,7 @@ class Gateway:
         self.cfg = cfg
         self.store: Store | None = None
         self.mesh: MeshNode | None = None
+        self.control: ControlServer | None = None
         self.dicom: DicomNodeServer | None = None
 
     async def start(self) -> None:
@@ -75,11 +77,14 @@ class Gateway:
                 "the DICOM node and the store run"
             )
         self.store = await loop.run_in_executor(None, Store, self.cfg.store, state / "store")
+        self.control = ControlServer(state)
         access = None
         if self.cfg.mesh.enabled:
             self.mesh = MeshNode(self.cfg.mesh, state, self.store)
             await self.mesh.start()
+            self.control.add_routes(self.mesh.control_routes)
             access = _DicomMeshAccess(self.mesh, self.cfg.mesh.list_remote_studies)
+        await self.control.start()
         self.dicom = DicomNodeServer(self.cfg.dicom, self.store, access)
         await loop.run_in_executor(None, self.dicom.start)
 
@@ -88,6 +93,9 @@ class Gateway:
         if self.dicom is not None:
             await loop.run_in_executor(None, self.dicom.stop)
             self.dicom = None
+        if self.control is not None:
+            await self.control.stop()
+            self.control = None
         if self.mesh is not None:
             await self.mesh.stop()
             self.mesh = None

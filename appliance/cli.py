@@ -46,11 +46,18 @@ def main(argv: list[str] | None = None) -> int:
     remove = peer_sub.add_parser("remove", help="revoke a gateway")
     remove.add_argument("name")
 
+    fetch = sub.add_parser("fetch", help="pull a study from the mesh into this gateway")
+    fetch.add_argument("study", help="Study Instance UID")
+    fetch.add_argument("--config", type=Path, help="TOML config file (for state_dir)")
+    fetch.add_argument("--state-dir", type=Path, help="override state_dir")
+
     args = parser.parse_args(argv)
     if args.command == "run":
         return _run(args)
     if args.command == "peer":
         return _peer(args)
+    if args.command == "fetch":
+        return _fetch(args)
     return _config_check(args.file)
 
 
@@ -125,3 +132,50 @@ def _peer(args: argparse.Namespace) -> int:
         print(f"dicomesh: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    """Ask the running gateway to fetch a study; draw its progress until it is done."""
+    import asyncio
+
+    from appliance.control import stream_lines
+
+    try:
+        state_dir = _state_dir(args)
+    except ConfigError as exc:
+        print(f"dicomesh: {exc}", file=sys.stderr)
+        return 2
+
+    async def follow() -> dict:
+        last: dict = {}
+        async for line in stream_lines(state_dir, "/fetch", {"study": args.study}):
+            last = line
+            _draw(line)
+        return last
+
+    try:
+        last = asyncio.run(follow())
+    except (OSError, RuntimeError) as exc:
+        print(f"\ndicomesh: cannot reach the running gateway: {exc}", file=sys.stderr)
+        return 1
+    print()
+    if last.get("error"):
+        print(f"dicomesh: fetch failed: {last['error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _draw(line: dict) -> None:
+    total = line.get("bytes_total") or 0
+    done = line.get("bytes_done") or 0
+    share = done / total if total else (1.0 if line.get("finished") else 0.0)
+    bar = "#" * int(share * 30)
+    eta = line.get("eta_s")
+    eta_text = f"ETA {eta:5.0f} s" if eta is not None and not line.get("finished") else ""
+    peers = " ".join(f"{name}:{b / 1e6:.1f}MB" for name, b in (line.get("peers") or {}).items())
+    sys.stdout.write(
+        f"\r[{bar:<30}] {share * 100:5.1f}%  {done / 1e6:8.1f}/{total / 1e6:.1f} MB  "
+        f"{line.get('instances_done', 0)}/{line.get('instances_total', 0)} instances  "
+        f"{eta_text}  {peers}"
+    )
+    sys.stdout.flush()

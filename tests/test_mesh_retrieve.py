@@ -53,3 +53,32 @@ def test_get_of_a_study_held_elsewhere(gateway_factory, small_series, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     got = {sop_instance_uid(p): p for p in out.iterdir()}
     assert set(got) == set(small_series.sop_uids)
+
+
+@pytest.mark.slow
+def test_fetch_command_pulls_a_study_with_progress(gateway_factory, small_series, tmp_path):
+    import subprocess
+    import sys
+
+    from gateway import REPO
+
+    a, b = _pair(gateway_factory)
+    assert storescu(a.host, a.port, a.ae_title, small_series.paths).ok
+    wait_until(lambda: b.find_images(small_series.study_uid, small_series.series_uid),
+               timeout=20, what="B knows the study")  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-m", "appliance", "fetch", "--config", str(b.config_path),
+         small_series.study_uid],
+        capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert (
+        "100.0%" in run.stdout
+        and f"{len(small_series.paths)}/{len(small_series.paths)}" in run.stdout
+    )
+    a.stop()  # B must now serve it alone
+    out = tmp_path / "got"
+    out.mkdir()
+    keys = ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={small_series.study_uid}"]
+    assert getscu(b.host, b.port, b.ae_title, keys, out, timeout=60).returncode == 0
+    assert len(list(out.iterdir())) == len(small_series.paths)

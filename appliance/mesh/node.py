@@ -5,6 +5,8 @@ to executors, store commit notifications arrive from the writer thread."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +43,21 @@ class PeerState:
     last_seen: float = 0.0
     last_error: str | None = None
     pulls: int = 0
+
+
+def _progress_line(state: DownloadState) -> dict[str, Any]:
+    p = state.progress
+    return {
+        "study": state.study_uid,
+        "instances_done": len(state.instances_done),
+        "instances_total": state.instances_total,
+        "bytes_done": p.bytes_done if p else 0,
+        "bytes_total": p.bytes_total if p else 0,
+        "eta_s": p.eta_s if p else None,
+        "peers": {name: b for name, b in p.peer_bytes.items()} if p else {},
+        "finished": state.finished,
+        "error": state.error,
+    }
 
 
 class MeshNode:
@@ -234,6 +251,29 @@ class MeshNode:
             (progress.bytes_total if progress else 0) / 1e6,
             time.monotonic() - started,
         )
+
+    def control_routes(self, app: web.Application) -> None:
+        """Routes for local tools on the control socket (`dicomesh fetch`)."""
+        app.router.add_post("/fetch", self._control_fetch)
+
+    async def _control_fetch(self, request: web.Request) -> web.StreamResponse:
+        """Start or join a fetch and stream its progress as JSON lines until it ends."""
+        body = await request.json()
+        study = body.get("study") if isinstance(body, dict) else None
+        if not isinstance(study, str) or not 0 < len(study) <= 64:
+            raise web.HTTPBadRequest(text="need a Study Instance UID\n")
+        state = self.fetch(study)
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        while True:
+            state.changed.clear()
+            await response.write((json.dumps(_progress_line(state)) + "\n").encode())
+            if state.finished:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(state.changed.wait(), 0.5)
+        await response.write_eof()
+        return response
 
     async def _resume_downloads(self) -> None:
         """Downloads interrupted by a restart carry on (verified chunks are kept)."""

@@ -338,7 +338,12 @@ class Scheduler:
         if self._dirty:
             self._rebuild()
         if not self.done:
-            usable = [p for p in self._paths.values() if self._usable_path(p)]
+            backoff, peers = PathState.BACKOFF, self._peers
+            usable = [
+                p
+                for p in self._paths.values()
+                if p.state is not backoff and peers[p.peer].banned_until is None
+            ]
             # When the download would end if every usable path kept its pace (see _fill).
             rate = sum(p.meter.rate for p in usable)
             left = self.bytes_total - self._bytes_done - sum(p.progress for p in usable)

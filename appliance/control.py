@@ -1,0 +1,58 @@
+"""The local control socket (state_dir/control.sock, mode 0600): how `dicomesh` commands
+reach the running gateway (whose store they cannot open themselves). Local only: anyone who
+can open the socket file can act as the administrator."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+SOCKET_NAME = "control.sock"
+
+
+class ControlServer:
+    """aiohttp on a unix socket; subsystems register their routes with `add_routes`."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / SOCKET_NAME
+        self.app = web.Application()
+        self._runner: web.AppRunner | None = None
+
+    def add_routes(self, register: Callable[[web.Application], None]) -> None:
+        register(self.app)
+
+    async def start(self) -> None:
+        self.path.unlink(missing_ok=True)  # a socket left by a killed gateway
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        old = os.umask(0o177)  # created 0600: only the gateway's user
+        try:
+            await web.UnixSite(self._runner, str(self.path)).start()
+        finally:
+            os.umask(old)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        self.path.unlink(missing_ok=True)
+
+
+async def stream_lines(state_dir: Path, route: str, body: dict[str, Any]) -> AsyncIterator[dict]:
+    """POST to the running gateway's control socket and yield its JSON-lines answer."""
+    connector = aiohttp.UnixConnector(path=str(state_dir / SOCKET_NAME))
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.post(f"http://gateway{route}", json=body) as resp,
+    ):
+        if resp.status != 200:
+            raise RuntimeError(f"gateway answered {resp.status}: {(await resp.text()).strip()}")
+        async for line in resp.content:
+            if line.strip():
+                yield json.loads(line)
