@@ -32,11 +32,11 @@ class Site:
         return Peer(self.name, key, [self.address], "clinic", self.port)
 
 
-def make_site(tmp: Path, name: str, address: str, **mesh: object) -> Site:
+def make_site(tmp: Path, name: str, address: str, port: int = 0, **mesh: object) -> Site:
     state = tmp / name
     state.mkdir(parents=True, exist_ok=True)
     store = Store(StoreConfig(min_free_bytes=0), state / "store")
-    port = free_port(address)
+    port = port or free_port(address)
     cfg = MeshConfig(name=name, address=address, port=port,
                      **{"sync_interval_s": 0.2, "stall_timeout_s": 1.0, **mesh})  # type: ignore[arg-type]  # fmt: skip
     return Site(name, address, port, store, MeshNode(cfg, state, store), state)

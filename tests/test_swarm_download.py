@@ -71,3 +71,181 @@ def test_download_from_one_holder_is_complete_and_verified(two_sites):
         assert r.downloads() == [] and r.pinned(study) == set()
         assert r.study(study).n_instances == len(items)
     assert kit.audit(b.store) == []
+
+
+def _sites(tmp_path, *specs):
+    """Sites admitting each other; specs are (name, address, mesh overrides)."""
+    sites = [meshkit.make_site(tmp_path, name, addr, **mesh) for name, addr, mesh in specs]
+    for site in sites:
+        meshkit.admit(site, *[s for s in sites if s is not site])
+    return sites
+
+
+def _big_study(store, n: int = 12):
+    study, series = kit.uid(110), kit.uid(111)
+    items = [kit.build(sop_uid=kit.uid(400 + i), series_uid=series, study_uid=study,
+                       payload=kit.noise(CHUNK_BYTES - 600 + 2 * i, seed=70 + i),
+                       instance_number=i)
+             for i in range(n)]  # fmt: skip
+    for item in items:
+        store.put_instance(item.inc)
+    return study, items
+
+
+def _done(state, share: float) -> bool:
+    p = state.progress
+    return p is not None and p.bytes_total > 0 and p.bytes_done >= share * p.bytes_total
+
+
+def test_partial_holder_serves_while_downloading(tmp_path):
+    # A (slow uplink) holds the study; B starts fetching; C then fetches from A and B and must
+    # get chunks from B, which holds them only as a download in progress.
+    a, b, c = _sites(tmp_path, ("site-a", "127.0.0.61", {"upload_kbps": 8000}),
+                     ("site-b", "127.0.0.62", {}), ("site-c", "127.0.0.63", {}))  # fmt: skip
+    study, items = _big_study(a.store)
+
+    async def body():
+        for s in (a, b, c):
+            await s.node.start()
+        try:
+            await _until(lambda: study in b.node.catalog.remote_studies())
+            b_state = b.node.fetch(study)
+            await _until(lambda: _done(b_state, 0.4), timeout=30)
+            await _until(lambda: b.node.catalog.view(study).holders.get("site-b") is not None)
+            await _until(lambda: "site-b" in c.node.catalog.view(study).holders, timeout=10)
+            c_state = c.node.fetch(study)
+            await _until(lambda: c_state.finished and b_state.finished, timeout=60)
+            return c_state
+        finally:
+            for s in (c, b, a):
+                await s.node.stop()
+
+    try:
+        c_state = asynckit.run(body(), max_block_s=0.2)
+        assert c_state.error is None
+        assert c_state.progress.peer_bytes.get("site-b", 0) > 0, c_state.progress.peer_bytes
+        for item in items:
+            assert c.store.read_instance(item.uid) == item.raw
+        assert kit.audit(c.store) == [] and kit.audit(b.store) == []
+    finally:
+        meshkit.close(a, b, c)
+
+
+def test_corrupt_peer_is_cut_off_and_its_chunks_fetched_elsewhere(tmp_path, caplog):
+    a, x, c = _sites(tmp_path, ("site-a", "127.0.0.71", {"upload_kbps": 16000}),
+                     ("site-x", "127.0.0.72", {}),
+                     ("site-c", "127.0.0.73", {"bad_chunk_limit": 2}))  # fmt: skip
+    study, items = _big_study(a.store, n=8)
+    for item in items:  # X holds the same study, but every stored chunk is damaged
+        x.store.put_instance(item.inc)
+    with x.store.db.env.begin(write=True) as txn:
+        for key, value in list(txn.cursor(db=x.store.db.tables.chunks)):
+            damaged = bytearray(value)
+            damaged[-1] ^= 0x55
+            txn.put(key, bytes(damaged), db=x.store.db.tables.chunks)
+
+    async def body():
+        for s in (a, x, c):
+            await s.node.start()
+        try:
+            await _until(lambda: {"site-a", "site-x"} <= set(c.node.catalog.view(study).holders))
+            state = c.node.fetch(study)
+            await _until(lambda: state.finished, timeout=60)
+            return state
+        finally:
+            for s in (c, x, a):
+                await s.node.stop()
+
+    try:
+        state = asynckit.run(body(), max_block_s=0.2)
+        assert state.error is None
+        assert state.progress.peer_bytes.get("site-x", 0) == 0
+        assert "site-x" in state.progress.cut_off
+        assert sum("sent 2 corrupt chunks" in r.getMessage() for r in caplog.records) == 1
+        for item in items:
+            assert c.store.read_instance(item.uid) == item.raw
+    finally:
+        meshkit.close(a, x, c)
+
+
+def test_dead_peer_work_moves_to_the_others(tmp_path):
+    a, b, c = _sites(tmp_path, ("site-a", "127.0.0.81", {"upload_kbps": 8000}),
+                     ("site-b", "127.0.0.82", {"upload_kbps": 8000}),
+                     ("site-c", "127.0.0.83", {}))  # fmt: skip
+    study, items = _big_study(a.store)
+    for item in items:
+        b.store.put_instance(item.inc)
+
+    async def body():
+        for s in (a, b, c):
+            await s.node.start()
+        try:
+            await _until(lambda: {"site-a", "site-b"} <= set(c.node.catalog.view(study).holders))
+            state = c.node.fetch(study)
+            await _until(lambda: _done(state, 0.3), timeout=30)
+            await b.node.stop()  # B dies: its connections drop, new ones are refused
+            await _until(lambda: state.finished, timeout=60)
+            return state
+        finally:
+            for s in (c, a):
+                await s.node.stop()
+
+    try:
+        state = asynckit.run(body(), max_block_s=0.2)
+        assert state.error is None
+        for item in items:
+            assert c.store.read_instance(item.uid) == item.raw
+    finally:
+        meshkit.close(a, b, c)
+
+
+def test_restart_resumes_without_fetching_verified_chunks_again(tmp_path):
+    a, b = _sites(tmp_path, ("site-a", "127.0.0.91", {"upload_kbps": 8000}),
+                  ("site-b", "127.0.0.92", {}))  # fmt: skip
+    study, items = _big_study(a.store)
+    total = sum(item.inc.manifest.size for item in items)
+
+    async def first_part():
+        await a.node.start()
+        await b.node.start()
+        await _until(lambda: study in b.node.catalog.remote_studies())
+        state = b.node.fetch(study)
+        await _until(lambda: _done(state, 0.5), timeout=30)
+        await b.node.stop()  # the gateway goes down mid-download
+        return a.node.server.bytes_to_peer["site-b"]
+
+    async def second_part(b2):
+        await b2.node.start()  # resumes the recorded download by itself
+        try:
+            await _until(lambda: b2.node._downloads.get(study) is not None, timeout=10)
+            state = b2.node._downloads[study].state
+            await _until(lambda: state.finished, timeout=60)
+            return state, a.node.server.bytes_to_peer["site-b"]
+        finally:
+            await b2.node.stop()
+            await a.node.stop()
+
+    async def both():
+        sent_before = await first_part()
+        b.store.close()
+        b2 = meshkit.make_site(tmp_path, "site-b", "127.0.0.92", port=b.port)
+        try:
+            state, sent_total = await second_part(b2)
+        finally:
+            b2.store.close()
+        return sent_before, state, sent_total, b2
+
+    try:
+        sent_before, state, sent_total, b2 = asynckit.run(both(), max_block_s=0.2)
+        assert state.error is None
+        assert sent_before >= 0.4 * total
+        # Everything verified before the restart was kept: A sent about the study once.
+        assert sent_total < 1.25 * total, (sent_total, total)
+        b2_store = meshkit.Store(b2.store.cfg, b2.state_dir / "store")
+        try:
+            for item in items:
+                assert b2_store.read_instance(item.uid) == item.raw
+        finally:
+            b2_store.close()
+    finally:
+        a.store.close()

@@ -100,7 +100,8 @@ class MeshNode:
         )  # fmt: skip
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        # Downloads stop too: their verified chunks are durable, and the next start resumes.
+        for task in [*self._tasks, *self._spawned]:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._spawned, return_exceptions=True)
         self._tasks = []
