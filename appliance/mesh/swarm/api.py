@@ -61,6 +61,16 @@ class SwarmConfig:
     path_retry_max_s: float = 60.0
     seed: int = 0  # tie-breaking order and backoff jitter
 
+    def __post_init__(self) -> None:
+        positive = ("queue_seconds", "stall_timeout_s", "initial_rate", "rate_window_s")
+        positive += ("path_retry_s", "path_retry_max_s")
+        counts = ("max_batch_chunks", "endgame_max_copies", "bad_chunk_limit")
+        bad = [n for n in positive if not getattr(self, n) > 0]
+        bad += [n for n in counts if getattr(self, n) < 1]
+        bad += [n for n in ("endgame_min_gain_s", "ban_s") if getattr(self, n) < 0]
+        if bad:
+            raise ValueError(f"SwarmConfig: out of range: {', '.join(bad)}")
+
     @classmethod
     def from_mesh(cls, mesh: MeshConfig, **overrides: Any) -> SwarmConfig:
         """The knobs of the `[mesh]` config section, plus `overrides`."""

@@ -28,11 +28,12 @@ How it decides:
 - Rarest first: a path takes, among chunks nobody is fetching, those held by the fewest
   usable peers (not cut off, with a path not backing off); ties are broken by a seeded random
   order drawn per download, so holders of a popular study do not all serve the same chunks.
-- Queues in seconds: a path is topped up while the bytes it still has to deliver are below
-  rate x queue_seconds (at least one chunk), in requests of at least half that budget
-  (max_batch_chunks at most), so ~2-3 requests are in flight and the next one is sent well
-  before the current one drains: no round trip of idle line between requests. The rate is
-  measured while the path has work (paths.RateMeter); a new path sends one chunk first.
+- Queues in seconds: a path's budget is rate x queue_seconds. When the bytes it still has to
+  deliver fall below half the budget it is topped up to the budget (at least one chunk) in
+  requests of <= max_batch_chunks: ~2 requests in flight, the next one sent queue_seconds/2
+  before the line would idle, so no round trip is lost between requests. The rate is measured
+  while the path has work (paths.RateMeter); a new path sends one chunk first. Near the end a
+  slow path leaves a chunk to a path that would deliver it clearly sooner.
 - Endgame: when no unrequested chunk is left that a usable peer holds, a path with spare budget
   duplicates the outstanding chunk expected to arrive last, if it would itself deliver it at
   least endgame_min_gain_s sooner, one chunk per request and at most endgame_max_copies copies.
@@ -47,106 +48,33 @@ How it decides:
 
 from __future__ import annotations
 
-import heapq
 import math
 import random
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
+from appliance.mesh.swarm.api import (
+    Action,
+    Cancel,
+    PathStatus,
+    PeerCutOff,
+    Progress,
+    Request,
+    SwarmConfig,
+)
 from appliance.mesh.swarm.paths import TRANSITIONS, PathEvent, PathRecord, PathState, RateMeter
+from appliance.mesh.swarm.pool import ChunkPool, Peer
 
-if TYPE_CHECKING:
-    from appliance.mesh.config import MeshConfig
-
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    """Fetch `chunks` over `path` as one batch; the response streams them in this order."""
-
-    id: int
-    path: str
-    chunks: tuple[bytes, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Cancel:
-    """Abort request `id` on `path`; its undelivered chunks are done or re-queued already."""
-
-    id: int
-    path: str
-
-
-@dataclass(frozen=True, slots=True)
-class PeerCutOff:
-    """`peer` sent `strikes` corrupt chunks: none of its paths is used before `until`."""
-
-    peer: str
-    until: float
-    strikes: int
-
-
-Action = Request | Cancel | PeerCutOff
-
-
-@dataclass(frozen=True)
-class SwarmConfig:
-    """Swarm tuning. Defaults fit ADSL paths (~100 KB/s up) and 512 KiB chunks."""
-
-    queue_seconds: float = 2.0  # outstanding bytes per path, in seconds of its measured rate
-    stall_timeout_s: float = 2.0  # silent this long with requests outstanding: stalled
-    initial_rate: float = 100_000.0  # bytes/s assumed before measuring: an 800 kbit/s uplink
-    rate_window_s: float = 0.5  # busy time per rate sample
-    max_batch_chunks: int = 16  # chunks per Request at most
-    endgame_max_copies: int = 2  # requests that may carry one chunk at once in the endgame
-    endgame_min_gain_s: float = 0.25  # a duplicate must be expected this much sooner
-    bad_chunk_limit: int = 3  # corrupt chunks from one peer before it is cut off
-    ban_s: float = 600.0  # how long a cut-off peer stays cut off
-    path_retry_s: float = 1.0  # first backoff of a failed or stalled path; doubles per failure
-    path_retry_max_s: float = 60.0
-    seed: int = 0  # tie-breaking order and backoff jitter
-
-    @classmethod
-    def from_mesh(cls, mesh: MeshConfig, **overrides: Any) -> SwarmConfig:
-        """The knobs of the `[mesh]` config section, plus `overrides`."""
-        knobs = {
-            "queue_seconds": mesh.queue_seconds,
-            "stall_timeout_s": mesh.stall_timeout_s,
-            "bad_chunk_limit": mesh.bad_chunk_limit,
-            "ban_s": mesh.ban_s,
-        }
-        return cls(**(knobs | overrides))
-
-
-@dataclass(frozen=True, slots=True)
-class PathStatus:
-    """One path as the scheduler sees it (for progress pages and the QoS reports)."""
-
-    peer: str
-    state: PathState
-    rate: float  # measured bytes/s while busy (initial_rate until measured)
-    queued_bytes: int  # requested and not yet received
-    requests: int
-    delivered_bytes: int  # chunks this path delivered first
-    retry_at: float | None  # when a backing-off path is tried again
-
-
-@dataclass(frozen=True, slots=True)
-class Progress:
-    """A snapshot of one download; byte and chunk counts include chunks held at the start."""
-
-    bytes_total: int
-    bytes_done: int
-    chunks_total: int
-    chunks_done: int
-    paths: Mapping[str, PathStatus]
-    peer_bytes: Mapping[str, int]  # useful bytes delivered per peer
-    eta_s: float | None  # remaining bytes / rate of the busy paths; None: no usable path
-    endgame: bool
-    cut_off: Mapping[str, float]  # peer -> end of its cut-off
-    duplicate_bytes: int  # whole chunks received again after they were done
-    corrupt_bytes: int
+__all__ = [
+    "Action",
+    "Cancel",
+    "PathStatus",
+    "PeerCutOff",
+    "Progress",
+    "Request",
+    "Scheduler",
+    "SwarmConfig",
+]
 
 
 class _Request:
@@ -159,35 +87,6 @@ class _Request:
         self.progress = 0  # bytes received of pending[0]
 
 
-class _Peer:
-    __slots__ = (
-        "bad",
-        "banned_until",
-        "bytes",
-        "chunks",
-        "heap",
-        "missing",
-        "name",
-        "paths",
-        "strikes",
-    )
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.chunks: set[int] | None = set()  # None: holds every chunk
-        self.bad: set[int] = set()  # sent corrupt: never again from this peer
-        self.missing: set[int] = set()  # a clean response omitted them: until set_peer_chunks
-        self.paths: dict[str, PathRecord] = {}
-        self.banned_until: float | None = None
-        self.heap: list[tuple[int, int, int]] = []  # (holders, tiebreak, chunk), lazily pruned
-        self.bytes = 0
-        self.strikes = 0
-
-    def may_serve(self, i: int) -> bool:
-        held = self.chunks is None or i in self.chunks
-        return held and i not in self.bad and i not in self.missing
-
-
 class Scheduler:
     """Plans one study's download over many paths; see the module docstring for the contract."""
 
@@ -198,38 +97,22 @@ class Scheduler:
         config: SwarmConfig | None = None,
     ) -> None:
         self.config = config = config or SwarmConfig()
-        self._digests = list(chunk_sizes)
-        self._index = {d: i for i, d in enumerate(self._digests)}
-        self._sizes = [chunk_sizes[d] for d in self._digests]
-        n = len(self._digests)
         self._rng = random.Random(config.seed)
-        order = list(range(n))
-        self._rng.shuffle(order)
-        self._tiebreak = [0] * n
-        for rank, i in enumerate(order):
-            self._tiebreak[i] = rank
-        self._done = [False] * n
-        self._copies = [0] * n  # live requests with the chunk still pending
-        self._avail = [0] * n  # usable peers holding it (valid after _rebuild)
-        self._carriers: dict[int, list[_Request]] = {}  # chunk -> requests with it pending
+        self._pool = pool = ChunkPool(chunk_sizes, self._rng)
+        self._carriers: dict[int, list[_Request]] = {}  # chunk -> requests still owing it
         self._paths: dict[str, PathRecord] = {}
-        self._peers: dict[str, _Peer] = {}
-        self._usable: list[_Peer] = []
+        self._peers: dict[str, Peer] = {}
         self._requests: dict[int, _Request] = {}
         self._next_id = 1
         self._out: list[Action] = []
-        self._dirty = True  # availability changed: heaps and counts need _rebuild
-        self._pool_avail = 0  # unrequested, undone chunks some usable peer holds
-        self._horizon = math.inf  # expected end of the download, as of the last actions()
-        self.bytes_total = sum(self._sizes)
-        self._bytes_done = 0
-        self._chunks_done = 0
+        self._horizon: float | None = None  # _end_estimate(), cached per actions() call
+        self._timers_from = -math.inf  # no timer (stall, retry, cut-off) is due before this
         self._duplicate_bytes = 0
         self._corrupt_bytes = 0
         for d in have:
-            i = self._index.get(d)
-            if i is not None and not self._done[i]:
-                self._mark_done(i)
+            i = pool.index.get(d)
+            if i is not None and not pool.done[i]:
+                pool.mark_done(i)
 
     # -- inputs --------------------------------------------------------------------------
 
@@ -240,12 +123,10 @@ class Scheduler:
             if old.peer == peer:
                 return
             self.remove_path(path, now)
-        rec = PathRecord(
-            path, peer, RateMeter(self.config.initial_rate, self.config.rate_window_s), now
-        )
-        self._paths[path] = rec
+        meter = RateMeter(self.config.initial_rate, self.config.rate_window_s)
+        rec = self._paths[path] = PathRecord(path, peer, meter, now)
         self._peer(peer).paths[path] = rec
-        self._dirty = True
+        self._pool.dirty = True
 
     def remove_path(self, path: str, now: float) -> None:
         """Forget a path: its requests are cancelled and their chunks re-queued at once."""
@@ -255,23 +136,23 @@ class Scheduler:
         for req in list(rec.requests.values()):
             self._cancel(req)
         del self._peers[rec.peer].paths[path]
-        self._dirty = True
+        self._pool.dirty = True
 
     def set_peer_chunks(self, peer: str, chunks: Iterable[bytes] | None, now: float) -> None:
-        """What `peer` holds now (None: everything); requests for chunks it dropped are cancelled."""
+        """What `peer` holds now (None: all); requests for chunks it dropped are cancelled."""
         p = self._peer(peer)
+        pool = self._pool
         if chunks is None:
             new = None
         else:
-            index = self._index
-            new = {index[d] for d in chunks if d in index}
+            new = {pool.index[d] for d in chunks if d in pool.index}
             for rec in p.paths.values():
                 for req in list(rec.requests.values()):
-                    if any(j not in new and not self._done[j] for j in req.pending):
+                    if any(j not in new and not pool.done[j] for j in req.pending):
                         self._cancel(req)
         p.chunks = new
         p.missing.clear()
-        self._dirty = True
+        pool.dirty = True
 
     def on_bytes(self, request_id: int, nbytes: int, now: float) -> None:
         """Payload bytes of a request arrived (progress inside its current chunk)."""
@@ -282,31 +163,35 @@ class Scheduler:
         self._data(path, now)
         path.meter.add(nbytes, now)
         if req.pending:
-            add = min(nbytes, self._sizes[req.pending[0]] - req.progress)
+            add = min(nbytes, self._pool.sizes[req.pending[0]] - req.progress)
             req.progress += add
             path.progress += add
 
     def on_chunk(self, request_id: int, chunk: bytes, ok: bool, now: float) -> None:
         """A chunk of a request arrived whole; ok=False: it failed verification."""
-        i = self._index.get(chunk)
+        pool = self._pool
+        i = pool.index.get(chunk)
         if i is None:
             return
         req = self._requests.get(request_id)
         if req is None or i not in req.pending:
-            if ok and not self._done[i]:
+            if ok and not pool.done[i]:
                 self._complete(i, None)
             return
         path = req.path
         peer = self._peers[path.peer]
         self._data(path, now)
+        if req.pending[0] == i and req.progress < pool.sizes[i]:
+            # Bytes the adapter did not report one by one still measure the path.
+            path.meter.add(pool.sizes[i] - req.progress, now)
         if ok:
-            if self._done[i]:
-                self._duplicate_bytes += self._sizes[i]
+            if pool.done[i]:
+                self._duplicate_bytes += pool.sizes[i]
             else:
                 path.failures = 0
                 self._complete(i, req)
         else:
-            self._corrupt_bytes += self._sizes[i]
+            self._corrupt_bytes += pool.sizes[i]
             peer.bad.add(i)  # before _drop re-queues it, so this peer is not asked again
             peer.strikes += 1
         self._drop(req, i)
@@ -324,7 +209,8 @@ class Scheduler:
             return
         path = req.path
         if error is None:
-            self._peers[path.peer].missing.update(j for j in req.pending if not self._done[j])
+            done = self._pool.done
+            self._peers[path.peer].missing.update(j for j in req.pending if not done[j])
             self._close(req)
         else:
             self._close(req)
@@ -335,24 +221,23 @@ class Scheduler:
     def actions(self, now: float) -> list[Action]:
         """What to do now: call after every batch of events and at next_deadline()."""
         self._tick(now)
-        if self._dirty:
+        if self._pool.dirty:
             self._rebuild()
         if not self.done:
-            backoff, peers = PathState.BACKOFF, self._peers
-            usable = [
-                p
-                for p in self._paths.values()
-                if p.state is not backoff and peers[p.peer].banned_until is None
-            ]
-            # When the download would end if every usable path kept its pace (see _fill).
-            rate = sum(p.meter.rate for p in usable)
-            left = self.bytes_total - self._bytes_done - sum(p.progress for p in usable)
-            self._horizon = now + left / rate if rate > 0 else math.inf
             # Only paths below their refill mark (half the budget, see _fill) need planning.
             half = self.config.queue_seconds / 2
-            paths = [p for p in usable if not p.requests or p.remaining < p.meter.rate * half]
-            # Fastest first: they get the rarest chunks, which then spread soonest.
-            paths.sort(key=lambda p: (-p.meter.rate, p.name))
+            backoff, peers = PathState.BACKOFF, self._peers
+            paths = [
+                p
+                for p in self._paths.values()
+                if (not p.requests or p.remaining < p.meter.rate * half)
+                and p.state is not backoff
+                and peers[p.peer].banned_until is None
+            ]
+            if len(paths) > 1:
+                # Fastest first: they get the rarest chunks, which then spread soonest.
+                paths.sort(key=lambda p: (-p.meter.rate, p.name))
+            self._horizon = None
             for path in paths:
                 self._fill(path, now)
         out, self._out = self._out, []
@@ -362,6 +247,12 @@ class Scheduler:
         """When actions() must be called again even if no event arrives (stall, retry, ban)."""
         if self.done:
             return None
+        soonest = self._soonest_timer()
+        return None if soonest == math.inf else soonest
+
+    def _soonest_timer(self) -> float:
+        # Stall deadlines only move later as bytes arrive; new timers lower _timers_from
+        # where they are set (_new_request, _enter_backoff, _cut_off).
         stall = self.config.stall_timeout_s
         soonest = math.inf
         for peer in self._peers.values():
@@ -376,16 +267,17 @@ class Scheduler:
                 continue
             if at < soonest:
                 soonest = at
-        return None if soonest == math.inf else soonest
+        return soonest
 
     @property
     def done(self) -> bool:
         """Every chunk is held."""
-        return self._chunks_done == len(self._sizes)
+        return self._pool.chunks_done == len(self._pool)
 
     def progress(self, now: float) -> Progress:
         """A snapshot for progress bars, ETA and reports."""
-        if self._dirty:
+        pool = self._pool
+        if pool.dirty:
             self._rebuild()
         paths = {
             name: PathStatus(
@@ -401,17 +293,17 @@ class Scheduler:
         }
         usable = [p for p in self._paths.values() if self._usable_path(p)]
         rate = sum(p.meter.rate for p in usable if p.requests) or sum(p.meter.rate for p in usable)
-        left = self.bytes_total - self._bytes_done
+        left = pool.bytes_total - pool.bytes_done
         eta = 0.0 if not left else (left / rate if rate > 0 else None)
         return Progress(
-            bytes_total=self.bytes_total,
-            bytes_done=self._bytes_done,
-            chunks_total=len(self._sizes),
-            chunks_done=self._chunks_done,
+            bytes_total=pool.bytes_total,
+            bytes_done=pool.bytes_done,
+            chunks_total=len(pool),
+            chunks_done=pool.chunks_done,
             paths=paths,
             peer_bytes={name: p.bytes for name, p in self._peers.items()},
             eta_s=eta,
-            endgame=not self.done and not self._pool_avail and bool(self._requests),
+            endgame=not self.done and not pool.fresh_held and bool(self._requests),
             cut_off={
                 name: p.banned_until
                 for name, p in self._peers.items()
@@ -429,6 +321,7 @@ class Scheduler:
         if probing and path.requests:
             return
         cfg = self.config
+        pool = self._pool
         peer = self._peers[path.peer]
         budget = 1.0 if probing else max(path.meter.rate * cfg.queue_seconds, 1.0)
         # Refill at half the budget, to the full budget: requests of >= budget/2, so ~2 are in
@@ -439,41 +332,29 @@ class Scheduler:
             size = 0
             deferred = False
             while size < want and (req is None or len(req.pending) < cfg.max_batch_chunks):
-                i = self._pick(peer)
+                i = pool.pick(peer)
                 if i is None:
                     break
                 if self._better_elsewhere(path, i, now):
-                    heapq.heappush(peer.heap, (self._avail[i], self._tiebreak[i], i))
+                    pool.put_back(peer, i)
                     deferred = True
                     break
                 if req is None:
                     req = self._new_request(path, now)
                 self._attach(req, i)
-                size += self._sizes[i]
+                size += pool.sizes[i]
             if req is None:
-                if self._pool_avail or deferred:
+                if pool.fresh_held or deferred:
                     return  # fresh chunks remain, held by others: not the endgame yet
                 i = self._pick_duplicate(path, peer, now)
                 if i is None:
                     return
                 req = self._new_request(path, now)
                 self._attach(req, i)
-            self._out.append(
-                Request(req.id, path.name, tuple(self._digests[j] for j in req.pending))
-            )
+            chunks = tuple(pool.digests[j] for j in req.pending)
+            self._out.append(Request(req.id, path.name, chunks))
             if probing:
                 return
-
-    def _pick(self, peer: _Peer) -> int | None:
-        """The rarest unrequested chunk this peer may serve, or None."""
-        heap = peer.heap
-        done, copies = self._done, self._copies
-        while heap:
-            i = heapq.heappop(heap)[2]
-            # Entries go stale when another peer's path took the chunk; they are dropped here.
-            if not done[i] and not copies[i] and peer.may_serve(i):
-                return i
-        return None
 
     def _better_elsewhere(self, path: PathRecord, i: int, now: float) -> bool:
         """Near the end, leave chunk i to a faster path that would deliver it clearly sooner.
@@ -481,10 +362,10 @@ class Scheduler:
         Without this a slow path takes one of the last chunks and the whole download waits
         for it (5 s for 512 KiB at 100 KB/s), or the endgame has to fetch it twice.
         """
-        size = self._sizes[i]
+        size = self._pool.sizes[i]
         rate = max(path.meter.rate, 1.0)
         here = now + (path.remaining + size) / rate
-        if here <= self._horizon:
+        if here <= self._end_estimate(now):
             return False
         gain = self.config.endgame_min_gain_s
         for other in self._paths.values():
@@ -496,9 +377,20 @@ class Scheduler:
                 return True
         return False
 
-    def _pick_duplicate(self, path: PathRecord, peer: _Peer, now: float) -> int | None:
+    def _end_estimate(self, now: float) -> float:
+        """When the download would end if every usable path kept its pace (once per actions())."""
+        if self._horizon is None:
+            usable = [p for p in self._paths.values() if self._usable_path(p)]
+            rate = sum(p.meter.rate for p in usable)
+            pool = self._pool
+            left = pool.bytes_total - pool.bytes_done - sum(p.progress for p in usable)
+            self._horizon = now + left / rate if rate > 0 else math.inf
+        return self._horizon
+
+    def _pick_duplicate(self, path: PathRecord, peer: Peer, now: float) -> int | None:
         """Endgame: the outstanding chunk expected last that this path would bring sooner."""
         cfg = self.config
+        pool = self._pool
         rate = max(path.meter.rate, 1.0)
         here = now + path.remaining / rate + cfg.endgame_min_gain_s
         best, best_eta = None, 0.0
@@ -514,38 +406,38 @@ class Scheduler:
             for req in other.requests.values():
                 ahead -= req.progress
                 for j in req.pending:
-                    ahead += self._sizes[j]
-                    if self._done[j] or self._copies[j] >= cfg.endgame_max_copies:
+                    ahead += pool.sizes[j]
+                    if pool.done[j] or pool.copies[j] >= cfg.endgame_max_copies:
                         continue
                     eta = max(start + ahead / other_rate, late)
-                    if eta <= best_eta or here + self._sizes[j] / rate >= eta:
+                    if eta <= best_eta or here + pool.sizes[j] / rate >= eta:
                         continue
                     if not peer.may_serve(j) or any(r.path is path for r in self._carriers[j]):
                         continue
                     best, best_eta = j, eta
         return best
 
-    # -- bookkeeping ---------------------------------------------------------------------
+    # -- requests ------------------------------------------------------------------------
 
     def _new_request(self, path: PathRecord, now: float) -> _Request:
         req = _Request(self._next_id, path)
         self._next_id += 1
         if not path.requests:
             path.last_activity = now  # the stall clock starts when work does
+            path.meter.start(now)
+            self._timers_from = min(self._timers_from, now + self.config.stall_timeout_s)
         path.requests[req.id] = req
         self._requests[req.id] = req
         return req
 
     def _attach(self, req: _Request, i: int) -> None:
-        if not self._copies[i] and self._avail[i]:
-            self._pool_avail -= 1
-        self._copies[i] += 1
+        self._pool.take(i)
         self._carriers.setdefault(i, []).append(req)
         req.pending.append(i)
-        req.path.queued += self._sizes[i]
+        req.path.queued += self._pool.sizes[i]
 
     def _drop(self, req: _Request, i: int) -> None:
-        """Chunk i no longer pending on req (arrived, or corrupt)."""
+        """Chunk i is no longer owed by req (it arrived, or arrived corrupt)."""
         if req.pending[0] == i:
             req.pending.popleft()
             req.path.progress -= req.progress
@@ -555,26 +447,12 @@ class Scheduler:
         self._unlink(req, i)
 
     def _unlink(self, req: _Request, i: int) -> None:
-        req.path.queued -= self._sizes[i]
-        self._copies[i] -= 1
+        req.path.queued -= self._pool.sizes[i]
         carriers = self._carriers[i]
         carriers.remove(req)
         if not carriers:
             del self._carriers[i]
-            if not self._done[i]:
-                self._release(i)
-
-    def _release(self, i: int) -> None:
-        """Chunk i is unrequested again: offer it to every usable peer that may serve it."""
-        if self._dirty:
-            return  # _rebuild recomputes heaps and counts from scratch
-        holders = self._avail[i]
-        if holders:
-            self._pool_avail += 1
-        entry = (holders, self._tiebreak[i], i)
-        for peer in self._usable:
-            if peer.may_serve(i):
-                heapq.heappush(peer.heap, entry)
+        self._pool.release(i)
 
     def _close(self, req: _Request) -> None:
         """Forget a request; its undelivered chunks go back to the pool."""
@@ -595,20 +473,14 @@ class Scheduler:
 
     def _cancel_if_moot(self, req: _Request) -> None:
         """Cancel a request whose remaining chunks all arrived elsewhere."""
-        if req.id in self._requests and req.pending and all(self._done[j] for j in req.pending):
+        done = self._pool.done
+        if req.id in self._requests and req.pending and all(done[j] for j in req.pending):
             self._cancel(req)
 
-    def _mark_done(self, i: int) -> None:
-        self._done[i] = True
-        self._chunks_done += 1
-        self._bytes_done += self._sizes[i]
-
     def _complete(self, i: int, req: _Request | None) -> None:
-        if not self._copies[i] and self._avail[i] and not self._dirty:
-            self._pool_avail -= 1  # it was in the pool (arrived on a cancelled request)
-        self._mark_done(i)
+        self._pool.mark_done(i)
         if req is not None:
-            size = self._sizes[i]
+            size = self._pool.sizes[i]
             req.path.delivered += size
             self._peers[req.path.peer].bytes += size
         for other in list(self._carriers.get(i, ())):
@@ -616,35 +488,18 @@ class Scheduler:
                 self._cancel_if_moot(other)
 
     def _rebuild(self) -> None:
-        """Recount holders per chunk over usable peers and rebuild every peer's rarity heap."""
-        self._dirty = False
         usable = [p for p in self._peers.values() if self._usable_peer(p)]
-        n = len(self._sizes)
-        avail = [sum(1 for p in usable if p.chunks is None)] * n
-        for p in usable:
-            if p.chunks is not None:
-                for i in p.chunks:
-                    avail[i] += 1
-        done, copies, tiebreak = self._done, self._copies, self._tiebreak
-        pool = [i for i in range(n) if not done[i] and not copies[i]]
-        self._avail = avail
-        self._pool_avail = sum(1 for i in pool if avail[i])
-        for p in self._peers.values():
-            p.heap = []
-        for p in usable:
-            p.heap = [(avail[i], tiebreak[i], i) for i in pool if p.may_serve(i)]
-            heapq.heapify(p.heap)
-        self._usable = usable
+        self._pool.rebuild(usable, self._peers.values())
 
     # -- health --------------------------------------------------------------------------
 
-    def _peer(self, name: str) -> _Peer:
+    def _peer(self, name: str) -> Peer:
         peer = self._peers.get(name)
         if peer is None:
-            peer = self._peers[name] = _Peer(name)
+            peer = self._peers[name] = Peer(name)
         return peer
 
-    def _usable_peer(self, peer: _Peer) -> bool:
+    def _usable_peer(self, peer: Peer) -> bool:
         return peer.banned_until is None and any(
             p.state is not PathState.BACKOFF for p in peer.paths.values()
         )
@@ -665,7 +520,7 @@ class Scheduler:
         if new is PathState.BACKOFF:
             self._enter_backoff(path, now)
         if PathState.BACKOFF in (old, new):
-            self._dirty = True
+            self._pool.dirty = True  # the peer may have become (un)usable
 
     def _enter_backoff(self, path: PathRecord, now: float) -> None:
         for req in list(path.requests.values()):
@@ -675,23 +530,27 @@ class Scheduler:
         delay = min(cfg.path_retry_s * 2 ** min(path.failures - 1, 30), cfg.path_retry_max_s)
         # Jitter: gateways that lost the same peer together should not retry in lockstep.
         path.retry_at = now + delay * self._rng.uniform(0.9, 1.1)
+        self._timers_from = min(self._timers_from, path.retry_at)
         path.meter.reset()
 
-    def _cut_off(self, peer: _Peer, now: float) -> None:
+    def _cut_off(self, peer: Peer, now: float) -> None:
         peer.banned_until = now + self.config.ban_s
+        self._timers_from = min(self._timers_from, peer.banned_until)
         self._out.append(PeerCutOff(peer.name, peer.banned_until, peer.strikes))
         peer.strikes = 0
         for path in peer.paths.values():
             for req in list(path.requests.values()):
                 self._cancel(req)
-        self._dirty = True
+        self._pool.dirty = True
 
     def _tick(self, now: float) -> None:
         """Timers: cut-offs that expired, backoffs that expired, paths that went silent."""
+        if now < self._timers_from:
+            return  # the common case: called after every event, with nothing due
         for peer in self._peers.values():
             if peer.banned_until is not None and peer.banned_until <= now:
                 peer.banned_until = None
-                self._dirty = True
+                self._pool.dirty = True
         stall = self.config.stall_timeout_s
         for path in list(self._paths.values()):
             if path.state is PathState.BACKOFF:
@@ -699,3 +558,4 @@ class Scheduler:
                     self._transition(path, PathEvent.RETRY, now)
             elif path.requests and now >= path.last_activity + stall:  # as next_deadline()
                 self._transition(path, PathEvent.STALL, now)
+        self._timers_from = self._soonest_timer()

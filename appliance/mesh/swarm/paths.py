@@ -51,10 +51,12 @@ class RateMeter:
     """Delivered bytes per second *while the path has work*: an EWMA over short windows.
 
     Time with nothing outstanding is not counted, so an idle path keeps its capacity estimate.
-    The first bytes after an idle spell only start the clock: the time before them includes
-    the request's round trip, which is latency, not capacity. Silence while busy is counted,
-    so a slow line measures slow; a window is only committed when bytes arrive, so a line
-    that goes silent keeps its last rate (the stall detector, not the meter, handles silence).
+    The clock starts when work is sent to an idle path, so the first round trip counts as busy
+    time: that underestimates a little at first, but a path whose chunks arrive in one report
+    each, one request at a time, is still measured (and then gets a deeper queue, after which
+    round trips overlap transfers and stop counting). Silence while busy is counted, so a slow
+    line measures slow; a window is only committed when bytes arrive, so a line that goes
+    silent keeps its last rate (the stall detector, not the meter, handles silence).
     """
 
     __slots__ = ("_anchor", "_bytes", "_time", "_window", "measured", "rate")
@@ -67,9 +69,13 @@ class RateMeter:
         self._bytes = 0
         self._time = 0.0
 
+    def start(self, now: float) -> None:
+        """Work was sent to the idle path: the clock runs from now."""
+        self._anchor = now
+
     def add(self, nbytes: int, now: float) -> None:
         """Account `nbytes` that arrived at `now` while the path had work."""
-        if self._anchor is None:
+        if self._anchor is None:  # not started: bytes of unknown duration
             self._anchor = now
             return
         self._bytes += nbytes
@@ -82,8 +88,8 @@ class RateMeter:
             self._bytes = 0
             self._time = 0.0
         elif not self.measured and self._time >= self._window / 4:
-            # A fast new path must not wait a full window on the initial guess: with a long
-            # round trip its queue would run dry before the first refill arrives.
+            # A fast new path must not wait a full window on the initial guess: its queue
+            # would run dry before the first refill arrives over a long round trip.
             self.rate = max(self.rate, self._bytes / self._time)
 
     def pause(self) -> None:

@@ -24,7 +24,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from appliance.mesh.swarm.core import Cancel, PeerCutOff, Request, Scheduler
+from appliance.mesh.swarm.api import Action, Cancel, PeerCutOff, Request
+from appliance.mesh.swarm.core import Scheduler
 
 # Progress this close to a report point counts as at it (float rounding of rate x time).
 _EPS = 1e-6
@@ -232,7 +233,7 @@ class Simulation:
         else:
             self._aim(flow)
 
-    def _apply(self, actions: list[Request | Cancel | PeerCutOff]) -> None:
+    def _apply(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, Request):
                 self._request(action)
