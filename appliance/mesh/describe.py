@@ -47,12 +47,11 @@ def holding(reader: Reader, study_uid: str) -> dict[str, Any] | None:
     """This gateway's holding of a study: complete, partial (a swarm download in progress:
     some instances and pinned chunks), or None when it holds nothing of it."""
     study = reader.study(study_uid)
-    pinned = reader.pinned(study_uid)
-    if study is None and not pinned:
+    record = reader.download(study_uid)
+    if study is None and record is None:
         return None
     held = study.n_instances if study is not None else 0
     size = study.bytes if study is not None else 0
-    record = reader.download(study_uid)
     if record is None:
         return {"state": "complete", "instances": held, "of": held, "bytes": size}
     total = json.loads(record).get("of", held)
