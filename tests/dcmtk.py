@@ -77,10 +77,11 @@ def _run(
     timeout: float,
     tcp_nodelay: bool,
     cwd: Path | None = None,
+    wrapper: Sequence[str] = (),
 ) -> subprocess.CompletedProcess:
     # subprocess.run kills the child itself if the timeout expires.
     return subprocess.run(
-        list(args),
+        [*wrapper, *args],
         capture_output=True,
         text=True,
         errors="replace",
@@ -166,8 +167,13 @@ def storescu(
     timeout: float = 600.0,
     *,
     tcp_nodelay: bool = True,
+    wrapper: Sequence[str] = (),
 ) -> StoreRun:
-    """C-STORE files (and the files directly inside directories, ``+sd``) on one association."""
+    """C-STORE files (and the files directly inside directories, ``+sd``) on one association.
+
+    ``wrapper`` is a command prefix, e.g. ``["ip", "netns", "exec", ns]`` to send from inside
+    a network namespace (to a gateway on that namespace's own loopback).
+    """
     if isinstance(paths_or_dir, str | Path):
         paths_or_dir = [paths_or_dir]
     inputs = [Path(p).absolute() for p in paths_or_dir]
@@ -192,7 +198,7 @@ def storescu(
             *map(str, inputs),
         ]
         start = time.monotonic()
-        proc = _run(args, timeout=timeout, tcp_nodelay=tcp_nodelay)
+        proc = _run(args, timeout=timeout, tcp_nodelay=tcp_nodelay, wrapper=wrapper)
         seconds = time.monotonic() - start
     return StoreRun(
         proc.returncode, parse_storescu_log(proc.stderr), proc.stdout, proc.stderr, seconds
@@ -210,11 +216,13 @@ def findscu(
     *,
     timeout: float = DEFAULT_TIMEOUT,
     tcp_nodelay: bool = True,
+    wrapper: Sequence[str] = (),
 ) -> list[pydicom.Dataset]:
     """C-FIND with ``-k`` keys; return the response identifiers in order; DcmtkError on failure.
 
     findscu ``-X`` writes rsp0001.dcm... into its cwd: ``workdir`` (must be empty), or a
-    temporary directory that is removed afterwards.
+    temporary directory that is removed afterwards. ``wrapper``: a command prefix, as for
+    storescu.
     """
     with tempfile.TemporaryDirectory(prefix="findscu-") as tmp:
         cwd = Path(workdir) if workdir is not None else Path(tmp)
@@ -231,7 +239,7 @@ def findscu(
             host,
             str(port),
         ]
-        proc = _run(args, timeout=timeout, tcp_nodelay=tcp_nodelay, cwd=cwd)
+        proc = _run(args, timeout=timeout, tcp_nodelay=tcp_nodelay, cwd=cwd, wrapper=wrapper)
         if proc.returncode != 0:
             raise DcmtkError(f"findscu exited with {proc.returncode}", proc)
         return [pydicom.dcmread(p) for p in sorted(cwd.glob("rsp*.dcm"))]
@@ -249,8 +257,10 @@ def getscu(
     *,
     timeout: float = 600.0,
     tcp_nodelay: bool = True,
+    wrapper: Sequence[str] = (),
 ) -> subprocess.CompletedProcess:
-    """C-GET the matches of ``keys`` into ``outdir`` (created if missing)."""
+    """C-GET the matches of ``keys`` into ``outdir`` (created if missing); ``wrapper``: a
+    command prefix, as for storescu."""
     Path(outdir).mkdir(parents=True, exist_ok=True)
     args = [
         "getscu",
@@ -266,7 +276,7 @@ def getscu(
         host,
         str(port),
     ]
-    return _run(args, timeout=timeout, tcp_nodelay=tcp_nodelay)
+    return _run(args, timeout=timeout, tcp_nodelay=tcp_nodelay, wrapper=wrapper)
 
 
 def movescu(

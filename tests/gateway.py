@@ -104,6 +104,7 @@ class Gateway:
         self.config_path = workdir / "dicomesh.toml"
         self.config_path.write_text(tomli_w.dumps(config))
         self.proc: subprocess.Popen | None = None
+        self.netns: str | None = None  # network namespace it runs in (None: the caller's)
         self.notify: NotifyListener | None = None
         self._log = None
 
@@ -115,14 +116,18 @@ class Gateway:
         args: Sequence[str] | None = None,
         wrapper: Sequence[str] = (),
         notify_for_all: bool = False,
+        netns: str | None = None,
     ) -> Gateway:
         """Run the gateway and wait for READY=1.
 
         `env` entries override os.environ (None removes a variable); `args` replace the
         default `run --config <config_path>` command-line arguments; `wrapper` is a command
         prefix (e.g. setpriv, unshare); `notify_for_all` lets any user send to the notify
-        socket (for a gateway run under another uid).
+        socket (for a gateway run under another uid); `netns` runs it inside that network
+        namespace (`ip netns exec`, before `wrapper`), where `.host` is that namespace's own
+        loopback: the DCMTK helpers below then run there too (`.tool_prefix`).
         """
+        self.netns = netns
         # A short socket path: AF_UNIX paths are limited to 108 bytes.
         self._notify_dir = Path(tempfile.mkdtemp(prefix="dm-notify-"))
         self.notify = NotifyListener(self._notify_dir)
@@ -140,7 +145,7 @@ class Gateway:
             args = ["run", "--config", str(self.config_path)]
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in _cleanup)
         self.proc = subprocess.Popen(
-            [*wrapper, *DICOMESH, *args],
+            [*self.tool_prefix, *wrapper, *DICOMESH, *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=full_env,
@@ -162,6 +167,11 @@ class Gateway:
             check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)},
         )  # fmt: skip
 
+    @property
+    def tool_prefix(self) -> list[str]:
+        """Command prefix for a tool that must reach `.host:.port` (enters `netns` if set)."""
+        return ["ip", "netns", "exec", self.netns] if self.netns else []
+
     def find_images(self, study_uid: str, series_uid: str, sop_uid: str = "") -> list[Any]:
         """C-FIND (findscu, Study Root) of a series' instances, or one of them."""
         from dcmtk import findscu  # local: dcmtk imports nothing of ours, keep it optional
@@ -172,7 +182,10 @@ class Gateway:
             f"SeriesInstanceUID={series_uid}",
             f"SOPInstanceUID={sop_uid}",
         ]
-        return findscu(self.host, self.port, self.ae_title, keys, model="study", timeout=30)
+        return findscu(
+            self.host, self.port, self.ae_title, keys, model="study", timeout=30,
+            wrapper=self.tool_prefix,
+        )  # fmt: skip
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -18,6 +18,10 @@ from appliance.mesh.peers import Peer
 from appliance.store.chunking import ChunkRef, Codec, EncodedChunk
 
 _READ_PIECE = 64 * 1024
+# Small JSON/bitmap exchanges must not wait forever on a silently cut line (no RST comes):
+# a peer silent this long is treated as unreachable. Chunk streams have no such bound; the
+# swarm scheduler detects their stalls from the bytes it sees.
+EXCHANGE_TIMEOUT = aiohttp.ClientTimeout(total=30.0, sock_connect=3.0, sock_read=10.0)
 
 
 class FetchError(MeshError):
@@ -64,7 +68,7 @@ class PeerClient:
     async def _post(self, path: str, body: bytes, content_type: str) -> bytes:
         try:
             async with self.session.post(
-                path, data=body, headers={"Content-Type": content_type}
+                path, data=body, headers={"Content-Type": content_type}, timeout=EXCHANGE_TIMEOUT
             ) as resp:
                 if resp.status != 200:
                     raise FetchError(f"{self.peer.name}{path}: HTTP {resp.status}")
@@ -78,7 +82,7 @@ class PeerClient:
 
     async def hello(self) -> dict[str, Any]:
         try:
-            async with self.session.get("/mesh/v1/hello") as resp:
+            async with self.session.get("/mesh/v1/hello", timeout=EXCHANGE_TIMEOUT) as resp:
                 if resp.status != 200:
                     raise FetchError(f"{self.peer.name}: hello HTTP {resp.status}")
                 body = protocol.decode_json(await resp.read())

@@ -182,12 +182,18 @@ class MeshNode:
         return changed
 
     async def sync_once(self) -> None:
-        """One anti-entropy round with every admitted peer (concurrently)."""
+        """One anti-entropy round with every admitted peer (concurrently). A peer that does
+        not answer in time is marked offline; it never holds up the others' rounds."""
         peers = self.registry.peers()
-        results = await asyncio.gather(*(self.pull_from(p) for p in peers), return_exceptions=True)
+        limit = max(15.0, 3 * self.cfg.sync_interval_s)
+        results = await asyncio.gather(
+            *(asyncio.wait_for(self.pull_from(p), limit) for p in peers), return_exceptions=True
+        )
         for peer, result in zip(peers, results, strict=True):
             if isinstance(result, BaseException):
-                if not isinstance(result, MeshError):
+                if isinstance(result, TimeoutError):
+                    result = MeshError("no answer in time")
+                elif not isinstance(result, MeshError):
                     log.error("catalog pull from %s failed", peer.name, exc_info=result)
                 self._seen(peer, str(result))
             else:

@@ -24,6 +24,7 @@ from appliance.mesh.config import MeshConfig
 from appliance.mesh.errors import MeshError, PeerInputError
 from appliance.mesh.peers import Peer, PeerRegistry
 from appliance.mesh.swarm.core import Cancel, PeerCutOff, Progress, Request, Scheduler, SwarmConfig
+from appliance.mesh.swarm.paths import PathState
 from appliance.store import IncomingInstance, LevelAttrs, Manifest, Store, StoreError
 from appliance.store.chunking import Codec, EncodedChunk, decode
 
@@ -109,6 +110,7 @@ class StudyDownload:
         self._view: StudyView | None = None
         self._sched: Scheduler | None = None
         self._failure: BaseException | None = None
+        self._failing: dict[str, bool] = {}
 
     # -- the whole download --------------------------------------------------------------
 
@@ -255,6 +257,7 @@ class StudyDownload:
             for action in sched.actions(now):
                 self._act(action)
             progress = sched.progress(now)
+            self._log_path_changes(progress)
             self.state.progress = progress
             self.state.notify()
             if progress.bytes_done > last_progress[1]:
@@ -272,6 +275,18 @@ class StudyDownload:
                     await asyncio.wait_for(self._wake.wait(), timeout)
             self._wake.clear()
         self.state.progress = sched.progress(self.clock())
+
+    def _log_path_changes(self, progress: Progress) -> None:
+        """One line when a path stops delivering (its chunks go to the others) or resumes."""
+        for name, path in progress.paths.items():
+            failing = path.state is PathState.BACKOFF
+            if failing != self._failing.get(name, False):
+                if failing:
+                    log.info("[%s] path %s stalled or failed: its chunks go to other paths",
+                             self._tag, name)  # fmt: skip
+                else:
+                    log.info("[%s] path %s is tried again", self._tag, name)
+                self._failing[name] = failing
 
     def _path(self, peer: Peer) -> str:
         # One path per peer until the network stage adds uplinks: (peer, uplink).
