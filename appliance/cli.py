@@ -51,7 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     fetch.add_argument("--config", type=Path, help="TOML config file (for state_dir)")
     fetch.add_argument("--state-dir", type=Path, help="override state_dir")
 
+    from appliance.qos import cli as qos_cli
+
+    qos_handlers = qos_cli.add_parser(sub)
+
     args = parser.parse_args(argv)
+    if args.command == "qos":
+        return qos_cli.run(qos_handlers, args)
     if args.command == "run":
         return _run(args)
     if args.command == "peer":
