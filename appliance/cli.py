@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from appliance import __version__
+import appliance
 from appliance.config import ConfigError, load_config, render_toml
 
 # Without a config file the gateway runs with built-in defaults and keeps its state here
@@ -17,7 +17,7 @@ DEV_STATE_DIR = Path("var")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dicomesh", description="dicomesh clinic gateway")
-    parser.add_argument("--version", action="version", version=f"dicomesh {__version__}")
+    parser.add_argument("--version", action="version", version=f"dicomesh {appliance.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the gateway until SIGTERM/SIGINT")
@@ -142,25 +142,18 @@ def _peer(args: argparse.Namespace) -> int:
 
 def _fetch(args: argparse.Namespace) -> int:
     """Ask the running gateway to fetch a study; draw its progress until it is done."""
-    import asyncio
-
-    from appliance.control import stream_lines
+    from appliance.control_client import stream_lines
 
     try:
         state_dir = _state_dir(args)
     except ConfigError as exc:
         print(f"dicomesh: {exc}", file=sys.stderr)
         return 2
-
-    async def follow() -> dict:
-        last: dict = {}
-        async for line in stream_lines(state_dir, "/fetch", {"study": args.study}):
+    last: dict = {}
+    try:
+        for line in stream_lines(state_dir, "/fetch", {"study": args.study}):
             last = line
             _draw(line)
-        return last
-
-    try:
-        last = asyncio.run(follow())
     except (OSError, RuntimeError) as exc:
         print(f"\ndicomesh: cannot reach the running gateway: {exc}", file=sys.stderr)
         return 1

@@ -4,16 +4,13 @@ can open the socket file can act as the administrator."""
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 from aiohttp import web
 
-SOCKET_NAME = "control.sock"
+from appliance.control_client import SOCKET_NAME
 
 
 class ControlServer:
@@ -42,17 +39,3 @@ class ControlServer:
             await self._runner.cleanup()
             self._runner = None
         self.path.unlink(missing_ok=True)
-
-
-async def stream_lines(state_dir: Path, route: str, body: dict[str, Any]) -> AsyncIterator[dict]:
-    """POST to the running gateway's control socket and yield its JSON-lines answer."""
-    connector = aiohttp.UnixConnector(path=str(state_dir / SOCKET_NAME))
-    async with (
-        aiohttp.ClientSession(connector=connector) as session,
-        session.post(f"http://gateway{route}", json=body) as resp,
-    ):
-        if resp.status != 200:
-            raise RuntimeError(f"gateway answered {resp.status}: {(await resp.text()).strip()}")
-        async for line in resp.content:
-            if line.strip():
-                yield json.loads(line)

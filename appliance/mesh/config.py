@@ -54,6 +54,10 @@ class MeshConfig:
     upload_kbps: int = setting(
         0, check=non_negative, doc="cap on serving to peers, kbit/s (0: no cap besides the line)"
     )
+    wire_compression: bool = setting(
+        True,
+        doc="ask peers for zstd-compressed chunks when that saves bytes (off: raw line bytes)",
+    )
     max_inflight_upload_bytes: int = setting(
         256 * 1024,
         check=positive,

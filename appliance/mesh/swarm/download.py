@@ -336,7 +336,9 @@ class StudyDownload:
 
         error: str | None = None
         try:
-            async for fetched in self.client(peer).fetch_chunks(list(req.chunks), on_bytes):
+            async for fetched in self.client(peer).fetch_chunks(
+                list(req.chunks), on_bytes, zstd=self.cfg.wire_compression
+            ):
                 if fetched.chunk is not None:
                     self._store(fetched.chunk)
                     sched.on_chunk(req.id, fetched.digest, True, self.clock())
