@@ -9,6 +9,8 @@ tbf with a 200 ms buffer). Contenders, each a ``run_<name>(lab, data, k, fault) 
   mesh address = the node's lab address, every gateway admits every other one), the study
   C-STOREd into each source by storescu inside its namespace, the downloader's catalog polled
   until it lists all k sources as complete holders, then `dicomesh fetch` on the host;
+- dicomesh-raw: the same with `[mesh] wire_compression = false`: no zstd on the wire, so it
+  moves the same bytes as the others (the "raw bytes" comparison);
 - aria2c (Debian aria2): multi-source HTTP, the k sources as mirrors of one file, split in
   1 MiB ranges; each source runs bench/http_source.py (aiohttp, Range support);
 - libtorrent (PyPI, the ``bench`` extra): k seeders and one leecher, TCP only, 512 KiB pieces
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import os
 import platform
@@ -220,17 +223,21 @@ def log(msg: str) -> None:
 # -- contenders ---------------------------------------------------------------------------------
 
 
-def run_dicomesh(lab: Lab, data: Payload, k: int, fault: str | None) -> float:
+def run_dicomesh(
+    lab: Lab, data: Payload, k: int, fault: str | None, *, compression: bool = True
+) -> float:
     """dicomesh swarm: k gateways holding ``data.study_dir``, the downloader pulls the study
     with `dicomesh fetch` (timed from its start to its exit); victim: the first source's
-    gateway (SIGKILL) or line (cut)."""
+    gateway (SIGKILL) or line (cut). compression=False: `[mesh] wire_compression = false`,
+    so it moves the same bytes as the others."""
     work = Path(tempfile.mkdtemp(prefix="dicomesh-", dir=data.work))
     victim = lab.sources[0]
-    with Swarm(lab, work / "gw") as swarm:
+    moved = data.wire if compression else data.size
+    with Swarm(lab, work / "gw", wire_compression=compression) as swarm:
         swarm.store(data.study_dir, lab.sources)
         swarm.wait_held(data.study_uid, lab.sources, data.instances, timeout=READY_TIMEOUT)
         with lose_source(lab, data, fault, victim, None,
-                         kill=lambda: swarm.kill(victim), moved=data.wire):  # fmt: skip
+                         kill=lambda: swarm.kill(victim), moved=moved):  # fmt: skip
             run = swarm.fetch(data.study_uid, deadline_for(lab, data, k))
         if run.returncode != 0:
             tail = swarm.downloader.log()[-1500:]
@@ -318,6 +325,7 @@ def run_libtorrent(lab: Lab, data: Payload, k: int, fault: str | None) -> float:
 
 CONTENDERS: dict[str, Callable[[Lab, Payload, int, str | None], float]] = {
     "dicomesh": run_dicomesh,
+    "dicomesh-raw": functools.partial(run_dicomesh, compression=False),
     "aria2c": run_aria2c,
     "libtorrent": run_libtorrent,
 }

@@ -4,6 +4,7 @@ verified chunks, zstd on the wire, `have` and manifests, corrupt data detected."
 from __future__ import annotations
 
 import base64
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,12 +14,14 @@ import pytest
 import storekit as kit
 from procs import free_port
 
+from appliance.mesh import protocol
 from appliance.mesh.client import FetchError, PeerClient
 from appliance.mesh.config import MeshConfig
+from appliance.mesh.errors import PeerInputError
 from appliance.mesh.peers import Peer, PeerRegistry
 from appliance.mesh.server import MeshServer
 from appliance.store import Store
-from appliance.store.chunking import CHUNK_BYTES
+from appliance.store.chunking import CHUNK_BYTES, decode
 from appliance.store.config import StoreConfig
 
 SERVER_ADDR, CLIENT_ADDR, STRANGER_ADDR = "127.0.0.2", "127.0.0.3", "127.0.0.4"
@@ -137,3 +140,59 @@ def test_corrupt_stored_chunk_is_detected_by_the_downloader(holder):
 
     (fetched,) = asynckit.run(body())
     assert fetched.corrupt and fetched.chunk is None
+
+
+def test_pieces_of_a_chunk_put_together_are_the_chunk(holder):
+    store, items = holder
+    smooth, noisy = items[0].inc.chunks[0], items[1].inc.chunks[0]
+    port = free_port(SERVER_ADDR)
+
+    def cut(size: int) -> list[tuple[int, int]]:
+        edges = [0, 65536, 3 * 65536, size]
+        return list(itertools.pairwise(edges))
+
+    async def body():
+        server = _server(store, port)
+        await server.start()
+        pool = ThreadPoolExecutor(1)
+        client = _client(port, CLIENT_ADDR, pool)
+        progress: list[int] = []
+        try:
+            got = {}
+            for chunk in (smooth, noisy):
+                spans = cut(chunk.ref.size)
+                got[chunk.ref.digest] = [
+                    await client.fetch_span(chunk.ref.digest, s, progress.append) for s in spans
+                ]
+            beyond = await client.fetch_span(noisy.ref.digest, (0, CHUNK_BYTES + 1), print)
+            unknown = await client.fetch_span(b"\x07" * 32, (0, 10), print)
+        finally:
+            await client.close()
+            await server.stop()
+            pool.shutdown()
+        return got, progress, beyond, unknown, server.counters["pieces_served"]
+
+    got, progress, beyond, unknown, served = asynckit.run(body())
+    for chunk in (smooth, noisy):
+        raw = bytes(decode(chunk.codec, chunk.stored, chunk.ref.size))
+        assert b"".join(got[chunk.ref.digest]) == raw
+    assert sum(progress) == smooth.ref.size + noisy.ref.size  # raw bytes, even when zstd
+    assert beyond is None and unknown is None
+    assert served == 6
+
+
+def test_span_requests_round_trip_and_bad_spans_are_refused():
+    digests = [bytes([i]) * 32 for i in range(3)]
+    spans = [(0, 65536), (65536, 131072), (131072, 140000)]
+    body = protocol.encode_chunk_request(digests, zstd=False, spans=spans)
+    req = protocol.decode_chunk_request(body)
+    assert req.digests == tuple(digests) and req.spans == tuple(spans) and not req.zstd
+    assert protocol.decode_chunk_request(protocol.encode_chunk_request(digests)).spans is None
+    bad = bytearray(body)
+    bad[2 + 32 : 2 + 40] = protocol.SPAN.pack(10, 5)  # end before start
+    with pytest.raises(PeerInputError, match="bad span"):
+        protocol.decode_chunk_request(bytes(bad))
+    with pytest.raises(PeerInputError):
+        protocol.decode_chunk_request(body[:-3])
+    with pytest.raises(ValueError):
+        protocol.encode_chunk_request(digests, spans=spans[:2])

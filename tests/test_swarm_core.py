@@ -148,6 +148,82 @@ def test_heterogeneous_paths_finish_near_ideal_and_the_fast_path_carries_most() 
         assert shares[path.name] == pytest.approx(rate / sum(rates), abs=0.05)
 
 
+# -- the tail: chunks split into pieces -------------------------------------------------------
+
+ODD_STUDY = study(39, tag="odd")  # 2 equal paths: whole chunks leave one a chunk behind
+PIECE = SwarmConfig().piece_bytes
+
+
+def spans_of(sim: Simulation) -> list[Request]:
+    return [r for _, r in sim.requests if r.span is not None]
+
+
+def test_whole_chunks_leave_one_path_a_chunk_behind_and_pieces_end_them_together() -> None:
+    total = sum(ODD_STUDY.values())
+    t_min = total / (2 * MB)
+    _, whole = simulate(ODD_STUDY, *sources([1 * MB] * 2), config=SwarmConfig(piece_bytes=0))
+    _, split = simulate(ODD_STUDY, *sources([1 * MB] * 2))
+    assert whole.run() and split.run()
+    report("39 chunks over 2 paths", whole=whole.finished_at / t_min,
+           split=split.finished_at / t_min)  # fmt: skip
+    # Half a chunk at 1 MB/s is lost at the end without splitting: what the pieces win back.
+    assert whole.finished_at - t_min >= 0.9 * CHUNK_BYTES / (2 * MB)
+    assert split.finished_at - t_min <= PIECE / MB
+    assert not spans_of(whole)
+    spans = spans_of(split)
+    assert spans
+    for req in spans:
+        start, end = req.span
+        assert len(req.chunks) == 1 and start % PIECE == 0 and start < end
+        assert end == ODD_STUDY[req.chunks[0]] or end % PIECE == 0
+    assert wasted(split, total) == 0
+    assert not split.violations
+
+
+@pytest.mark.parametrize("rates", [(0.3, 1.0, 1.7), (1.0, 1.0, 1.0, 1.0), (0.1, 2.0)])
+def test_paths_of_any_speed_end_together(rates: tuple[float, ...]) -> None:
+    chunks = study(41, tag="mixed")
+    total = sum(chunks.values())
+    _, sim = simulate(chunks, *sources([r * MB for r in rates]))
+    assert sim.run()
+    ratio = sim.finished_at / (total / (sum(rates) * MB))
+    report(f"paths {rates} MB/s", ratio=ratio)
+    assert ratio <= 1.015  # the first round trip (40 ms) and rate estimates
+    assert wasted(sim, total) == 0
+
+
+def test_pieces_of_a_path_that_dies_go_to_the_others() -> None:
+    paths, peers = sources([1 * MB] * 2)
+    _, probe = simulate(ODD_STUDY, paths, peers)
+    assert probe.run()
+    t_piece = min(t for t, r in probe.requests if r.span and r.path == "r0/adsl0")
+    paths[0] = SimPath("r0/adsl0", "r0", 1 * MB, events=(LinkEvent(t_piece + 0.01, "die"),))
+    sched, sim = simulate(ODD_STUDY, paths, peers)
+    assert sim.run()
+    lost = [r for t, r in sim.requests if r.span and r.path == "r0/adsl0"]
+    assert lost
+    for req in lost:  # each piece the dead path owed arrived over the other one
+        assert sim.delivered_by[req.chunks[0]] == "r1/adsl0"
+    assert sched.progress(sim.now).chunks_done == len(ODD_STUDY)
+
+
+def test_a_split_chunk_that_fails_assembly_is_fetched_whole_again() -> None:
+    # r0 spoils everything but is never cut off: its pieces spoil split chunks.
+    paths, peers = sources([1 * MB] * 2)
+    peers[0] = SimPeer("r0", corrupt=True)
+    config = SwarmConfig(bad_chunk_limit=10_000)
+    sched, sim = simulate(ODD_STUDY, paths, peers, config=config)
+    assert sim.run()
+    assert set(sim.delivered_by.values()) == {"r1/adsl0"}
+    spoiled = {r.chunks[0] for r in spans_of(sim) if r.path == "r0/adsl0"}
+    assert spoiled
+    for chunk in spoiled:
+        after = [r for _, r in sim.requests if chunk in r.chunks]
+        last_span = max(i for i, r in enumerate(after) if r.span is not None)
+        assert after[-1].span is None and last_span < len(after) - 1  # then whole
+    assert sched.progress(sim.now).corrupt_bytes >= len(spoiled) * CHUNK_BYTES
+
+
 # -- failures ---------------------------------------------------------------------------------
 
 

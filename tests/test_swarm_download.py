@@ -249,3 +249,70 @@ def test_restart_resumes_without_fetching_verified_chunks_again(tmp_path):
             b2_store.close()
     finally:
         a.store.close()
+
+
+def _pieces_test_sites(tmp_path, damaged: bool):
+    """Two holders uploading at 2 MB/s each (site-x's chunks damaged if asked), a downloader
+    that never cuts site-x off, and a study of 13 chunks: the last ones are split."""
+    a, x, c = _sites(tmp_path, ("site-a", "127.0.0.81", {"upload_kbps": 16000}),
+                     ("site-x", "127.0.0.82", {"upload_kbps": 16000}),
+                     ("site-c", "127.0.0.83", {"bad_chunk_limit": 1000}))  # fmt: skip
+    study, items = _big_study(a.store, n=13)
+    for item in items:
+        x.store.put_instance(item.inc)
+    if damaged:
+        with x.store.db.env.begin(write=True) as txn:
+            for key, value in list(txn.cursor(db=x.store.db.tables.chunks)):
+                spoiled = bytearray(value)
+                spoiled[-1] ^= 0x55
+                txn.put(key, bytes(spoiled), db=x.store.db.tables.chunks)
+    return (a, x, c), study, items
+
+
+def _fetch_from_both(sites, study):
+    c = sites[2]
+
+    async def body():
+        for s in sites:
+            await s.node.start()
+        try:
+            await _until(lambda: {"site-a", "site-x"} <= set(c.node.catalog.view(study).holders))
+            state = c.node.fetch(study)
+            await _until(lambda: state.finished, timeout=60)
+            return state
+        finally:
+            for s in reversed(sites):
+                await s.node.stop()
+
+    return asynckit.run(body(), max_block_s=0.2)
+
+
+def test_the_last_chunks_come_in_pieces_from_both_holders(tmp_path):
+    sites, study, items = _pieces_test_sites(tmp_path, damaged=False)
+    a, x, c = sites
+    try:
+        state = _fetch_from_both(sites, study)
+        assert state.error is None
+        assert a.node.server.counters["pieces_served"] > 0
+        assert x.node.server.counters["pieces_served"] > 0
+        for item in items:
+            assert c.store.read_instance(item.uid) == item.raw
+        assert kit.audit(c.store) == []
+    finally:
+        meshkit.close(*sites)
+
+
+def test_a_split_chunk_spoiled_by_one_piece_is_fetched_whole(tmp_path, caplog):
+    sites, study, items = _pieces_test_sites(tmp_path, damaged=True)
+    x, c = sites[1:]
+    caplog.set_level("INFO", logger="appliance.mesh.swarm.download")
+    try:
+        state = _fetch_from_both(sites, study)
+        assert state.error is None
+        assert x.node.server.counters["pieces_served"] > 0
+        assert any("failed its check" in r.getMessage() for r in caplog.records)
+        for item in items:
+            assert c.store.read_instance(item.uid) == item.raw
+        assert kit.audit(c.store) == []
+    finally:
+        meshkit.close(*sites)

@@ -127,6 +127,40 @@ class PeerClient:
         except (TimeoutError, aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
             raise FetchError(f"{self.peer.name}: {exc.__class__.__name__} {exc}") from None
 
+    async def fetch_span(
+        self,
+        digest: bytes,
+        span: tuple[int, int],
+        on_bytes: Callable[[int], None],
+        *,
+        zstd: bool = True,
+    ) -> bytes | None:
+        """Bytes [start, end) of a chunk (a piece: it cannot be verified alone), or None when
+        the peer lacks the chunk. Raises FetchError if the exchange fails, PeerInputError if
+        the frame does not decode to exactly that many bytes."""
+        body = protocol.encode_chunk_request([digest], zstd=zstd, spans=[span])
+        try:
+            async with self.session.post(
+                "/mesh/v1/chunks", data=body, headers={"Content-Type": "application/octet-stream"}
+            ) as resp:
+                if resp.status != 200:
+                    raise FetchError(f"{self.peer.name}: chunks HTTP {resp.status}")
+                header = await resp.content.readexactly(protocol.FRAME.size)
+                status, codec, raw_size, length = protocol.decode_frame_header(header)
+                if status == protocol.MISSING:
+                    return None
+                payload = await _read_payload(resp.content, length, raw_size, on_bytes)
+        except (TimeoutError, aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
+            raise FetchError(f"{self.peer.name}: {exc.__class__.__name__} {exc}") from None
+        want = span[1] - span[0]
+        try:
+            raw = payload if codec == Codec.RAW else _inflate(payload, want)
+        except zstandard.ZstdError as exc:
+            raise PeerInputError(f"{self.peer.name}: piece does not decode: {exc}") from None
+        if raw_size != want or len(raw) != want:
+            raise PeerInputError(f"{self.peer.name}: piece of {len(raw)} bytes, asked {want}")
+        return raw
+
     async def _read_frame(
         self, content: aiohttp.StreamReader, digest: bytes, on_bytes: Callable[[int], None]
     ) -> Fetched:
@@ -134,23 +168,7 @@ class PeerClient:
         status, codec, raw_size, length = protocol.decode_frame_header(header)
         if status == protocol.MISSING:
             return Fetched(digest, None, missing=True, wire_bytes=len(header))
-        parts = []
-        left = length
-        reported = 0
-        while left:
-            piece = await content.read(min(left, _READ_PIECE))
-            if not piece:
-                raise asyncio.IncompleteReadError(b"", left)
-            parts.append(piece)
-            left -= len(piece)
-            # Progress in chunk bytes: a compressed chunk counts its share of the raw size.
-            due = raw_size * (length - left) // length
-            if due > reported:
-                on_bytes(due - reported)
-                reported = due
-        if raw_size > reported:
-            on_bytes(raw_size - reported)
-        payload = b"".join(parts)
+        payload = await _read_payload(content, length, raw_size, on_bytes)
         loop = asyncio.get_running_loop()
         ok = await loop.run_in_executor(self._verifier, _verify, digest, codec, raw_size, payload)
         wire = len(header) + length
@@ -158,6 +176,33 @@ class PeerClient:
             return Fetched(digest, None, corrupt=True, wire_bytes=wire)
         chunk = EncodedChunk(ChunkRef(digest, raw_size), Codec(codec), payload)
         return Fetched(digest, chunk, wire_bytes=wire)
+
+
+async def _read_payload(
+    content: aiohttp.StreamReader, length: int, raw_size: int, on_bytes: Callable[[int], None]
+) -> bytes:
+    """A frame's payload; progress reported in raw bytes, all of them before returning."""
+    parts = []
+    left = length
+    reported = 0
+    while left:
+        piece = await content.read(min(left, _READ_PIECE))
+        if not piece:
+            raise asyncio.IncompleteReadError(b"", left)
+        parts.append(piece)
+        left -= len(piece)
+        # Progress in chunk bytes: a compressed chunk counts its share of the raw size.
+        due = raw_size * (length - left) // length
+        if due > reported:
+            on_bytes(due - reported)
+            reported = due
+    if raw_size > reported:
+        on_bytes(raw_size - reported)
+    return b"".join(parts)
+
+
+def _inflate(payload: bytes, size: int) -> bytes:
+    return zstandard.ZstdDecompressor().decompress(payload, max_output_size=size)
 
 
 def _verify(digest: bytes, codec: int, raw_size: int, payload: bytes) -> bool:

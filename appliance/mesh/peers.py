@@ -23,7 +23,15 @@ import tomli_w
 
 from appliance.fileutil import atomic_write, locked
 from appliance.mesh.config import peer_name
-from appliance.schema import ConfigError, dump, ip_address, load, port_range, setting
+from appliance.schema import (
+    ConfigError,
+    dump,
+    hostname_or_ip,
+    ip_address,
+    load,
+    port_range,
+    setting,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +47,15 @@ def wireguard_key(value: str) -> str | None:
     return None if len(raw) == 32 else "must be a WireGuard public key (32 bytes, base64)"
 
 
+def underlay_endpoint(value: str) -> str | None:
+    """A tunnel endpoint: "host:port" (IPv4 or hostname; IPv6 as "[addr]:port")."""
+    host, _, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if host and port.isdigit() and 1 <= int(port) <= 65535 and hostname_or_ip(host) is None:
+        return None
+    return 'must be "host:port" (the WireGuard UDP endpoint of one of its uplinks)'
+
+
 @dataclass(frozen=True)
 class Peer:
     """An admitted gateway."""
@@ -48,6 +65,21 @@ class Peer:
     addresses: list[str] = setting(check=ip_address, doc="its overlay address(es)")
     role: Literal["clinic", "replica"] = setting("clinic", doc="clinic or replica")
     port: int = setting(7480, check=port_range, doc="its mesh HTTP port")
+    # One WireGuard tunnel per uplink of the peer: tunnel j has key ([public_key] +
+    # tunnel_keys)[j], overlay address addresses[j] and endpoint endpoints[j].
+    tunnel_keys: list[str] = setting(
+        default_factory=list, check=wireguard_key, doc="keys of its further uplink tunnels"
+    )
+    endpoints: list[str] = setting(
+        default_factory=list,
+        check=underlay_endpoint,
+        doc="its WireGuard endpoints, host:port, one per uplink",
+    )
+
+    @property
+    def public_keys(self) -> list[str]:
+        """All its tunnel keys, first uplink's first."""
+        return [self.public_key, *self.tunnel_keys]
 
     @property
     def url(self) -> str:
@@ -67,9 +99,16 @@ class PeersFile:
         for i, peer in enumerate(self.peers):
             if not peer.addresses:
                 errors.append((f"peers[{i}].addresses", "at least one address is required"))
+            tunnels = len(peer.public_keys)
+            if tunnels > 1 and len(peer.addresses) != tunnels:
+                errors.append(
+                    (f"peers[{i}].addresses", f"one address per tunnel key ({tunnels} keys)")
+                )
+            if tunnels > 1 and len(peer.endpoints) > tunnels:
+                errors.append((f"peers[{i}].endpoints", f"at most one per key ({tunnels} keys)"))
             for kind, values in (
                 ("name", [peer.name]),
-                ("public_key", [peer.public_key]),
+                ("public_key", peer.public_keys),
                 ("address", [str(ipaddress.ip_address(a)) for a in peer.addresses]),
             ):
                 for value in values:

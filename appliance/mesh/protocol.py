@@ -1,7 +1,9 @@
 """Wire formats of the mesh HTTP API (/mesh/v1/...), pure encode/decode with size limits.
 
 Binary where volume matters (chunks, `have` queries), zstd-compressed JSON elsewhere:
-- POST /mesh/v1/chunks   body: version, flags, N x 32-byte SHA-256 digests (N <= MAX_BATCH).
+- POST /mesh/v1/chunks   body: version, flags, N x 32-byte SHA-256 digests (N <= MAX_BATCH);
+                         with FLAG_SPANS each digest is followed by start u32, end u32: those
+                         bytes of the chunk only (a piece; end <= chunk size).
                          response: one frame per requested digest, in request order:
                          status u8 (0 ok, 1 missing), codec u8 (0 raw, 1 zstd),
                          raw size u32, payload length u32 (big endian), payload.
@@ -32,6 +34,8 @@ MAX_MANIFESTS = 4096
 MAX_JSON_BYTES = 16 << 20  # inflated size of any JSON body we accept
 MAX_CHUNK = 8 << 20  # no chunk is larger (chunking.CHUNK_BYTES is 512 KiB)
 FLAG_ZSTD = 0x01
+FLAG_SPANS = 0x02
+SPAN = struct.Struct(">II")
 
 JSON_TYPE = "application/vnd.dicomesh+json+zstd"
 CHUNKS_TYPE = "application/vnd.dicomesh.chunks"
@@ -44,23 +48,42 @@ OK, MISSING = 0, 1
 class ChunkRequest:
     digests: tuple[bytes, ...]
     zstd: bool
+    spans: tuple[tuple[int, int], ...] | None = None  # (start, end) per digest
 
 
-def encode_chunk_request(digests: list[bytes], *, zstd: bool = True) -> bytes:
+def encode_chunk_request(
+    digests: list[bytes],
+    *,
+    zstd: bool = True,
+    spans: list[tuple[int, int]] | None = None,
+) -> bytes:
     if not 0 < len(digests) <= MAX_BATCH or any(len(d) != DIGEST for d in digests):
         raise ValueError("1-64 digests of 32 bytes")
-    return bytes((VERSION, FLAG_ZSTD if zstd else 0)) + b"".join(digests)
+    flags = FLAG_ZSTD if zstd else 0
+    if spans is None:
+        return bytes((VERSION, flags)) + b"".join(digests)
+    if len(spans) != len(digests) or any(not 0 <= a < b <= MAX_CHUNK for a, b in spans):
+        raise ValueError("one span 0 <= start < end <= MAX_CHUNK per digest")
+    entries = b"".join(d + SPAN.pack(a, b) for d, (a, b) in zip(digests, spans, strict=True))
+    return bytes((VERSION, flags | FLAG_SPANS)) + entries
 
 
 def decode_chunk_request(body: bytes) -> ChunkRequest:
     if len(body) < 2 or body[0] != VERSION:
         raise PeerInputError("chunk request: bad version")
-    rest = body[2:]
-    count, extra = divmod(len(rest), DIGEST)
+    flags, rest = body[1], body[2:]
+    entry = DIGEST + (SPAN.size if flags & FLAG_SPANS else 0)
+    count, extra = divmod(len(rest), entry)
     if extra or not 0 < count <= MAX_BATCH:
-        raise PeerInputError("chunk request: need 1-64 digests of 32 bytes")
-    digests = tuple(rest[i * DIGEST : (i + 1) * DIGEST] for i in range(count))
-    return ChunkRequest(digests, bool(body[1] & FLAG_ZSTD))
+        raise PeerInputError("chunk request: need 1-64 digests of 32 bytes (with their spans)")
+    entries = [rest[i * entry : (i + 1) * entry] for i in range(count)]
+    digests = tuple(e[:DIGEST] for e in entries)
+    if not flags & FLAG_SPANS:
+        return ChunkRequest(digests, bool(flags & FLAG_ZSTD))
+    spans = tuple(SPAN.unpack(e[DIGEST:]) for e in entries)
+    if any(not 0 <= a < b <= MAX_CHUNK for a, b in spans):
+        raise PeerInputError("chunk request: bad span")
+    return ChunkRequest(digests, bool(flags & FLAG_ZSTD), spans)
 
 
 def encode_frame_header(status: int, codec: int, raw_size: int, payload_length: int) -> bytes:

@@ -144,8 +144,11 @@ class MeshServer:
         await response.prepare(request)
         _limit_unsent(request, self.cfg.max_inflight_upload_bytes)
         loop = asyncio.get_running_loop()
-        for digest in req.digests:
-            frame = await loop.run_in_executor(self._io, self._frame_blocking, digest, req.zstd)
+        spans = req.spans or (None,) * len(req.digests)
+        for digest, span in zip(req.digests, spans, strict=True):
+            frame = await loop.run_in_executor(
+                self._io, self._frame_blocking, digest, req.zstd, span
+            )
             if self._bucket is not None:
                 await self._bucket.take(len(frame))
             await response.write(frame)
@@ -154,8 +157,9 @@ class MeshServer:
         self.counters["chunk_requests"] += 1
         return response
 
-    def _frame_blocking(self, digest: bytes, zstd_ok: bool) -> bytes:
-        """One response frame: the chunk as stored, or zstd-compressed when that is smaller."""
+    def _frame_blocking(self, digest: bytes, zstd_ok: bool, span: tuple[int, int] | None) -> bytes:
+        """One response frame: the chunk (or the span of it asked for) as stored, or
+        zstd-compressed when that is smaller."""
         with self.store.reader() as r:
             found = r.chunk(digest)
             if found is None:
@@ -163,9 +167,15 @@ class MeshServer:
                 return protocol.encode_frame_header(protocol.MISSING, 0, 0, 0)
             codec, stored = found
             payload = bytes(stored)
-        if codec == Codec.ZSTD and not zstd_ok:
+        if codec == Codec.ZSTD and (not zstd_ok or span is not None):
             payload = zstandard.ZstdDecompressor().decompress(payload)
             codec = Codec.RAW
+        if span is not None:
+            if span[1] > len(payload):  # asked beyond the chunk: not something we hold
+                self.counters["chunks_missing"] += 1
+                return protocol.encode_frame_header(protocol.MISSING, 0, 0, 0)
+            payload = payload[span[0] : span[1]]
+            self.counters["pieces_served"] += 1
         raw_size = len(payload) if codec == Codec.RAW else _zstd_size(payload)
         if codec == Codec.RAW and zstd_ok:
             packed = zstandard.ZstdCompressor(level=1).compress(payload)

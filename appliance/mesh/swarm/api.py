@@ -17,11 +17,16 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """Fetch `chunks` over `path` as one batch; the response streams them in this order."""
+    """Fetch `chunks` over `path` as one batch; the response streams them in this order.
+
+    With `span` = (start, end) the request is for those bytes of its single chunk only (a
+    piece of a chunk split at the end of a download; see core.py, "Tail"). Pieces cannot be
+    verified alone: the adapter assembles them and reports on_assembled."""
 
     id: int
     path: str
     chunks: tuple[bytes, ...]
+    span: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +60,7 @@ class SwarmConfig:
     max_batch_chunks: int = 16  # chunks per Request at most
     endgame_max_copies: int = 2  # requests that may carry one chunk at once in the endgame
     endgame_min_gain_s: float = 0.25  # a duplicate must be expected this much sooner
+    piece_bytes: int = 64 * 1024  # tail split unit (0: never split a chunk)
     bad_chunk_limit: int = 3  # corrupt chunks from one peer before it is cut off
     ban_s: float = 600.0  # how long a cut-off peer stays cut off
     path_retry_s: float = 1.0  # first backoff of a failed or stalled path; doubles per failure
@@ -67,7 +73,7 @@ class SwarmConfig:
         counts = ("max_batch_chunks", "endgame_max_copies", "bad_chunk_limit")
         bad = [n for n in positive if not getattr(self, n) > 0]
         bad += [n for n in counts if getattr(self, n) < 1]
-        bad += [n for n in ("endgame_min_gain_s", "ban_s") if getattr(self, n) < 0]
+        bad += [n for n in ("endgame_min_gain_s", "ban_s", "piece_bytes") if getattr(self, n) < 0]
         if bad:
             raise ValueError(f"SwarmConfig: out of range: {', '.join(bad)}")
 

@@ -18,6 +18,9 @@ Event contract:
   reported before its on_chunk. Drives the rate meter and stall detection.
 - on_chunk(id, digest, ok): that chunk arrived whole; ok=False: it failed verification.
   A request whose chunks have all arrived is finished; its end event is then optional.
+- on_span(id, digest): a piece request (Request.span set) delivered all of its bytes; they
+  cannot be verified alone. on_assembled(digest, ok): the adapter put a split chunk's pieces
+  together and checked it (ok=False: it failed; it is then fetched whole, from one path).
 - on_request_end(id, error): the response is over. error=None: chunks it did not deliver
   are re-queued and taken as no longer held by that peer until its next set_peer_chunks.
   error set (refused, reset, timeout): the path backs off and its other requests are cancelled.
@@ -44,6 +47,14 @@ How it decides:
   once bytes flow the path gets work again at its last measured rate.
 - Corrupt chunks: the chunk is re-queued, never again from that peer; at bad_chunk_limit strikes
   the peer is cut off for ban_s (its requests cancelled, PeerCutOff emitted), then allowed again.
+- Tail: whole chunks leave the paths finishing up to one chunk apart (0.5 s for 512 KiB at
+  1 MB/s, all of it lost when the count does not divide evenly). So when a chunk would not fit
+  in a path's share of the remaining time (its rate x time to the estimated end, minus what it
+  still has queued), the chunk is split into pieces of piece_bytes and the path takes only the
+  pieces that fit; the rest stays fresh for the other paths. A piece that fits nowhere goes to
+  the path that would deliver it first. Pieces are not duplicated in the endgame; a path that fails
+  gives its pieces back like chunks. A split chunk that fails verification after assembly
+  cannot be blamed on one peer: it is fetched whole again, where the corruption rules apply.
 """
 
 from __future__ import annotations
@@ -78,13 +89,15 @@ __all__ = [
 
 
 class _Request:
-    __slots__ = ("id", "path", "pending", "progress")
+    __slots__ = ("id", "path", "pending", "progress", "span", "span_bytes")
 
     def __init__(self, rid: int, path: PathRecord) -> None:
         self.id = rid
         self.path = path
         self.pending: deque[int] = deque()  # chunks not yet delivered, in response order
         self.progress = 0  # bytes received of pending[0]
+        self.span: tuple[int, int] | None = None  # pieces [a, b) of its one chunk
+        self.span_bytes = 0
 
 
 class Scheduler:
@@ -109,6 +122,7 @@ class Scheduler:
         self._timers_from = -math.inf  # no timer (stall, retry, cut-off) is due before this
         self._duplicate_bytes = 0
         self._corrupt_bytes = 0
+        self._whole_only: set[int] = set()  # split chunks that failed assembly
         for d in have:
             i = pool.index.get(d)
             if i is not None and not pool.done[i]:
@@ -163,7 +177,7 @@ class Scheduler:
         self._data(path, now)
         path.meter.add(nbytes, now)
         if req.pending:
-            add = min(nbytes, self._pool.sizes[req.pending[0]] - req.progress)
+            add = min(nbytes, self._owed(req, req.pending[0]) - req.progress)
             req.progress += add
             path.progress += add
 
@@ -174,7 +188,7 @@ class Scheduler:
         if i is None:
             return
         req = self._requests.get(request_id)
-        if req is None or i not in req.pending:
+        if req is None or req.span is not None or i not in req.pending:
             if ok and not pool.done[i]:
                 self._complete(i, None)
             return
@@ -201,6 +215,36 @@ class Scheduler:
             self._cancel_if_moot(req)
         if not ok and peer.strikes >= self.config.bad_chunk_limit and peer.banned_until is None:
             self._cut_off(peer, now)
+
+    def on_span(self, request_id: int, chunk: bytes, now: float) -> None:
+        """A piece request delivered all its bytes (not verified: see on_assembled)."""
+        req = self._requests.get(request_id)
+        i = self._pool.index.get(chunk)
+        if req is None or req.span is None or i is None or i not in req.pending:
+            return
+        path = req.path
+        self._data(path, now)
+        size = req.span_bytes
+        if req.progress < size:
+            path.meter.add(size - req.progress, now)
+        path.failures = 0
+        path.delivered += size
+        self._peers[path.peer].bytes += size
+        self._drop(req, i, received=True)
+        self._close(req)
+
+    def on_assembled(self, chunk: bytes, ok: bool, now: float) -> None:
+        """A split chunk's pieces were put together and checked against its digest."""
+        pool = self._pool
+        i = pool.index.get(chunk)
+        if i is None or pool.done[i]:
+            return
+        if ok:
+            self._complete(i, None)
+        else:
+            self._corrupt_bytes += pool.sizes[i]
+            self._whole_only.add(i)
+            pool.unsplit(i)
 
     def on_request_end(self, request_id: int, now: float, error: str | None = None) -> None:
         """A response is over: cleanly (undelivered chunks re-queued) or failed (path backs off)."""
@@ -335,14 +379,26 @@ class Scheduler:
                 i = pool.pick(peer)
                 if i is None:
                     break
-                if self._better_elsewhere(path, i, now):
-                    pool.put_back(peer, i)
-                    deferred = True
+                share = self._tail_share(path, i, now)
+                if share is None:  # the whole chunk
+                    if self._better_elsewhere(path, i, now):
+                        pool.put_back(peer, i)
+                        deferred = True
+                        break
+                    if req is None:
+                        req = self._new_request(path, now)
+                    self._attach(req, i)
+                    size += pool.sizes[i]
+                    continue
+                pool.put_back(peer, i)  # popped from this heap only: others still offer it
+                if not share:
+                    deferred = True  # no piece fits here now; another path takes them
                     break
-                if req is None:
-                    req = self._new_request(path, now)
-                self._attach(req, i)
-                size += pool.sizes[i]
+                if req is not None:
+                    break  # a piece request carries one chunk: the batch goes first
+                req = self._new_request(path, now)
+                self._attach_span(req, i, *share)
+                break
             if req is None:
                 if pool.fresh_held or deferred:
                     return  # fresh chunks remain, held by others: not the endgame yet
@@ -352,9 +408,55 @@ class Scheduler:
                 req = self._new_request(path, now)
                 self._attach(req, i)
             chunks = tuple(pool.digests[j] for j in req.pending)
-            self._out.append(Request(req.id, path.name, chunks))
+            span = pool.span(req.pending[0], *req.span) if req.span else None
+            self._out.append(Request(req.id, path.name, chunks, span))
             if probing:
                 return
+
+    def _tail_share(self, path: PathRecord, i: int, now: float) -> tuple[int, int] | None:
+        """Whether the path takes chunk i whole (None), pieces [a, b) of it, or nothing (())."""
+        cfg = self.config
+        pool = self._pool
+        split = i in pool.pieces
+        if not split and (
+            not cfg.piece_bytes or pool.sizes[i] <= cfg.piece_bytes or i in self._whole_only
+        ):
+            return None
+        a, b = pool.fresh_run(i) if split else (0, 0)
+        size = pool.sizes[i] if not split else pool.span(i, a, b)[1] - pool.span(i, a, b)[0]
+        fit = self._share_bytes(path, now)
+        if fit >= size:
+            return (a, b) if split else None
+        n = int(fit // cfg.piece_bytes)
+        if n <= 0:
+            if not self._first_to_finish(path, i, now):
+                return ()
+            n = 1
+        if not split:
+            pool.split(i, cfg.piece_bytes)
+            a, b = pool.fresh_run(i)
+        return a, min(b, a + n)
+
+    def _share_bytes(self, path: PathRecord, now: float) -> float:
+        """What the path can still deliver by the estimated end, beyond its queue."""
+        rate = max(path.meter.rate, 1.0)
+        return (self._end_estimate(now) - now) * rate - path.remaining
+
+    def _first_to_finish(self, path: PathRecord, i: int, now: float) -> bool:
+        """Whether, among usable paths that may serve chunk i, this one would deliver one more
+        piece first (after its queue): the pieces left over by the shares go there."""
+        piece = self.config.piece_bytes
+
+        def done_at(p: PathRecord) -> tuple[float, str]:
+            return (p.remaining + piece) / max(p.meter.rate, 1.0), p.name
+
+        mine = done_at(path)
+        for other in self._paths.values():
+            if other is path or not self._usable_path(other):
+                continue
+            if self._peers[other.peer].may_serve(i) and done_at(other) < mine:
+                return False
+        return True
 
     def _better_elsewhere(self, path: PathRecord, i: int, now: float) -> bool:
         """Near the end, leave chunk i to a faster path that would deliver it clearly sooner.
@@ -383,7 +485,8 @@ class Scheduler:
             usable = [p for p in self._paths.values() if self._usable_path(p)]
             rate = sum(p.meter.rate for p in usable)
             pool = self._pool
-            left = pool.bytes_total - pool.bytes_done - sum(p.progress for p in usable)
+            left = pool.bytes_total - pool.bytes_done - pool.pieces_received
+            left -= sum(p.progress for p in usable)
             self._horizon = now + left / rate if rate > 0 else math.inf
         return self._horizon
 
@@ -406,9 +509,11 @@ class Scheduler:
             for req in other.requests.values():
                 ahead -= req.progress
                 for j in req.pending:
-                    ahead += pool.sizes[j]
+                    ahead += self._owed(req, j)
                     if pool.done[j] or pool.copies[j] >= cfg.endgame_max_copies:
                         continue
+                    if req.span is not None or j in pool.pieces:
+                        continue  # pieces are not duplicated
                     eta = max(start + ahead / other_rate, late)
                     if eta <= best_eta or here + pool.sizes[j] / rate >= eta:
                         continue
@@ -436,7 +541,21 @@ class Scheduler:
         req.pending.append(i)
         req.path.queued += self._pool.sizes[i]
 
-    def _drop(self, req: _Request, i: int) -> None:
+    def _attach_span(self, req: _Request, i: int, a: int, b: int) -> None:
+        pool = self._pool
+        pool.take_span(i, a, b)
+        self._carriers.setdefault(i, []).append(req)
+        req.pending.append(i)
+        req.span = (a, b)
+        start, end = pool.span(i, a, b)
+        req.span_bytes = end - start
+        req.path.queued += req.span_bytes
+
+    def _owed(self, req: _Request, i: int) -> int:
+        """Bytes request `req` delivers for chunk i."""
+        return req.span_bytes if req.span is not None else self._pool.sizes[i]
+
+    def _drop(self, req: _Request, i: int, *, received: bool = False) -> None:
         """Chunk i is no longer owed by req (it arrived, or arrived corrupt)."""
         if req.pending[0] == i:
             req.pending.popleft()
@@ -444,15 +563,18 @@ class Scheduler:
             req.progress = 0
         else:
             req.pending.remove(i)
-        self._unlink(req, i)
+        self._unlink(req, i, received=received)
 
-    def _unlink(self, req: _Request, i: int) -> None:
-        req.path.queued -= self._pool.sizes[i]
+    def _unlink(self, req: _Request, i: int, *, received: bool = False) -> None:
+        req.path.queued -= self._owed(req, i)
         carriers = self._carriers[i]
         carriers.remove(req)
         if not carriers:
             del self._carriers[i]
-        self._pool.release(i)
+        if req.span is None:
+            self._pool.release(i)
+        else:
+            self._pool.release_span(i, *req.span, received)
 
     def _close(self, req: _Request) -> None:
         """Forget a request; its undelivered chunks go back to the pool."""

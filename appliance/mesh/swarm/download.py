@@ -26,7 +26,7 @@ from appliance.mesh.peers import Peer, PeerRegistry
 from appliance.mesh.swarm.core import Cancel, PeerCutOff, Progress, Request, Scheduler, SwarmConfig
 from appliance.mesh.swarm.paths import PathState
 from appliance.store import IncomingInstance, LevelAttrs, Manifest, Store, StoreError
-from appliance.store.chunking import Codec, EncodedChunk, decode
+from appliance.store.chunking import ChunkRef, Codec, EncodedChunk, decode
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,25 @@ class _Instance:
     missing: set[bytes]  # chunk digests not yet durably stored
 
 
+class _Assembly:
+    """The pieces of one split chunk received so far (unverified until all are there)."""
+
+    def __init__(self, size: int) -> None:
+        self.data = bytearray(size)
+        self.spans: list[tuple[int, int]] = []
+
+    def add(self, span: tuple[int, int], piece: bytes) -> bool:
+        """Store a piece; True once the pieces cover the whole chunk."""
+        self.data[span[0] : span[1]] = piece
+        self.spans.append(span)
+        covered = 0
+        for start, end in sorted(self.spans):
+            if start > covered:
+                return False
+            covered = max(covered, end)
+        return covered >= len(self.data)
+
+
 class StudyDownload:
     """Fetches one study into the local store from the gateways holding it."""
 
@@ -107,6 +126,8 @@ class StudyDownload:
         self._writes: set[asyncio.Task] = set()
         self._instances: dict[str, _Instance] = {}
         self._by_chunk: dict[bytes, list[str]] = {}
+        self._assembly: dict[bytes, _Assembly] = {}  # split chunks being put together
+        self._sizes: dict[bytes, int] = {}
         self._view: StudyView | None = None
         self._sched: Scheduler | None = None
         self._failure: BaseException | None = None
@@ -232,7 +253,7 @@ class StudyDownload:
     # -- the swarm --------------------------------------------------------------------------
 
     async def _swarm(self, holders: list[tuple[Peer, bool]], stored: set[bytes]) -> None:
-        sizes = {
+        sizes = self._sizes = {
             c.digest: c.size for inst in self._instances.values() for c in inst.manifest.chunks
         }
         seed = int.from_bytes(
@@ -317,7 +338,8 @@ class StudyDownload:
                 self._sched.on_request_end(action.id, self.clock(), "peer revoked")
                 self._wake.set()
                 return
-            self._fetches[action.id] = asyncio.create_task(self._fetch(action, peer))
+            fetch = self._fetch if action.span is None else self._fetch_span
+            self._fetches[action.id] = asyncio.create_task(fetch(action, peer))
         elif isinstance(action, Cancel):
             task = self._fetches.pop(action.id, None)
             if task is not None:
@@ -353,6 +375,50 @@ class StudyDownload:
             self._fetches.pop(req.id, None)
         sched.on_request_end(req.id, self.clock(), error)
         self._wake.set()
+
+    async def _fetch_span(self, req: Request, peer: Peer) -> None:
+        """A piece of a split chunk; the chunk is checked once all its pieces are here."""
+        sched = self._sched
+        assert sched is not None and req.span is not None
+        digest = req.chunks[0]
+
+        def on_bytes(n: int) -> None:
+            sched.on_bytes(req.id, n, self.clock())
+
+        error: str | None = None
+        try:
+            piece = await self.client(peer).fetch_span(
+                digest, req.span, on_bytes, zstd=self.cfg.wire_compression
+            )
+            if piece is not None:
+                sched.on_span(req.id, digest, self.clock())
+                await self._add_piece(digest, req.span, piece, peer)
+        except (FetchError, PeerInputError) as exc:
+            error = str(exc)
+        finally:
+            self._fetches.pop(req.id, None)
+        sched.on_request_end(req.id, self.clock(), error)  # ignored after on_span
+        self._wake.set()
+
+    async def _add_piece(
+        self, digest: bytes, span: tuple[int, int], piece: bytes, peer: Peer
+    ) -> None:
+        assembly = self._assembly.get(digest)
+        if assembly is None:
+            assembly = self._assembly[digest] = _Assembly(self._sizes[digest])
+        if not assembly.add(span, piece):
+            return
+        del self._assembly[digest]
+        data = bytes(assembly.data)
+        loop = asyncio.get_running_loop()
+        ok = await loop.run_in_executor(self.io, _sha256, data) == digest
+        if ok:
+            self._store(EncodedChunk(ChunkRef(digest, len(data)), Codec.RAW, data))
+        else:
+            log.info("[%s] split chunk %s failed its check (last piece from %s): fetched whole",
+                     self._tag, digest.hex()[:16], peer.name)  # fmt: skip
+        assert self._sched is not None
+        self._sched.on_assembled(digest, ok, self.clock())
 
     def _store(self, chunk: EncodedChunk) -> None:
         """Pin a verified chunk durably; complete the instances it was the last one of."""
@@ -432,3 +498,7 @@ class StudyDownload:
     @property
     def _tag(self) -> str:
         return f"fetch {self.study_uid}"
+
+
+def _sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()

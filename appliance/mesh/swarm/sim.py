@@ -67,11 +67,18 @@ class SimPeer:
 class _Flow:
     """One request as the network carries it."""
 
-    __slots__ = ("chunks", "id", "index", "ready_at", "reported", "sent", "target")
+    __slots__ = ("chunks", "id", "index", "ready_at", "reported", "sent", "span", "target")
 
-    def __init__(self, rid: int, chunks: tuple[bytes, ...], ready_at: float) -> None:
+    def __init__(
+        self,
+        rid: int,
+        chunks: tuple[bytes, ...],
+        ready_at: float,
+        span: tuple[int, int] | None = None,
+    ) -> None:
         self.id = rid
         self.chunks = chunks
+        self.span = span  # a piece request: these bytes of its one chunk
         self.ready_at = ready_at
         self.index = 0  # chunk being sent
         self.sent = 0.0  # bytes of it sent
@@ -126,6 +133,9 @@ class Simulation:
         self._holdings: dict[str, frozenset[bytes] | None] = {}
         self._corrupt: set[str] = set()
         self._refusing: set[int] = set()
+        # split chunks: byte ranges received so far, and whether a corrupt peer sent one
+        self._pieces: dict[bytes, list[tuple[int, int]]] = {}
+        self._tainted: set[bytes] = set()
         self._timers: list[tuple[float, int, str, Any]] = []
         self._seq = 0
         self._idle_steps = 0
@@ -205,8 +215,12 @@ class Simulation:
 
     def _aim(self, flow: _Flow) -> None:
         """Set the flow's next report point: report_bytes further, or its chunk's end."""
-        size = self.sizes[flow.chunks[flow.index]]
-        flow.target = min(flow.reported + self.report_bytes, size)
+        flow.target = min(flow.reported + self.report_bytes, self._flow_size(flow))
+
+    def _flow_size(self, flow: _Flow) -> int:
+        if flow.span is not None:
+            return flow.span[1] - flow.span[0]
+        return self.sizes[flow.chunks[flow.index]]
 
     def _report(self, link: _Link, flow: _Flow) -> None:
         digest = flow.chunks[flow.index]
@@ -216,8 +230,13 @@ class Simulation:
         flow.sent = float(upto)
         self.wire_bytes[link.name] += nbytes
         self.sched.on_bytes(flow.id, nbytes, self.now)
-        if upto < self.sizes[digest]:
+        if upto < self._flow_size(flow):
             self._aim(flow)
+            return
+        if flow.span is not None:
+            link.flows.popleft()
+            self.sched.on_span(flow.id, digest, self.now)
+            self._piece_arrived(link, digest, flow.span)
             return
         ok = link.peer not in self._corrupt
         if ok and digest not in self.delivered_by:
@@ -232,6 +251,27 @@ class Simulation:
             self.sched.on_request_end(flow.id, self.now)
         else:
             self._aim(flow)
+
+    def _piece_arrived(self, link: _Link, digest: bytes, span: tuple[int, int]) -> None:
+        """Assemble a split chunk once its pieces cover it (verification takes no time)."""
+        got = self._pieces.setdefault(digest, [])
+        got.append(span)
+        if link.peer in self._corrupt:
+            self._tainted.add(digest)
+        covered = 0
+        for start, end in sorted(got):
+            if start > covered:
+                return
+            covered = max(covered, end)
+        if covered < self.sizes[digest]:
+            return
+        del self._pieces[digest]
+        ok = digest not in self._tainted
+        self._tainted.discard(digest)
+        if ok and digest not in self.delivered_by:
+            self.delivered_by[digest] = link.name
+            self.delivered_at[digest] = self.now
+        self.sched.on_assembled(digest, ok, self.now)
 
     def _apply(self, actions: list[Action]) -> None:
         for action in actions:
@@ -259,7 +299,7 @@ class Simulation:
             self._refusing.add(req.id)
             self._at(self.now + 2 * link.latency, "refuse", req.id)
         else:
-            flow = _Flow(req.id, req.chunks, self.now + 2 * link.latency)
+            flow = _Flow(req.id, req.chunks, self.now + 2 * link.latency, req.span)
             self._aim(flow)
             link.flows.append(flow)
 
