@@ -252,11 +252,14 @@ class MeshNode:
             return
         progress = state.progress
         log.info(
-            "fetch %s done: %d instance(s), %.1f MB in %.1f s",
+            "fetch %s done: %d instance(s), %.1f MB in %.2f s (%.1f MB fetched twice, "
+            "%.1f MB corrupt)",
             download.study_uid,
             len(state.instances_done),
             (progress.bytes_total if progress else 0) / 1e6,
             time.monotonic() - started,
+            (progress.duplicate_bytes if progress else 0) / 1e6,
+            (progress.corrupt_bytes if progress else 0) / 1e6,
         )
 
     def control_routes(self, app: web.Application) -> None:
