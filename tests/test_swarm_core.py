@@ -207,6 +207,18 @@ def test_pieces_of_a_path_that_dies_go_to_the_others() -> None:
     assert sched.progress(sim.now).chunks_done == len(ODD_STUDY)
 
 
+def test_what_a_dying_path_sent_of_its_chunk_is_kept_and_the_rest_comes_as_pieces() -> None:
+    paths, peers = sources([1 * MB] * 2)
+    t_die = 1.3  # r0 is part-way through its third chunk (0.52 s each)
+    paths[0] = SimPath("r0/adsl0", "r0", 1 * MB, events=(LinkEvent(t_die, "die"),))
+    _, sim = simulate(STUDY_40MB, paths, peers)
+    assert sim.run()
+    after = [r for t, r in sim.requests if t >= t_die and r.span is not None]
+    assert after and min(r.span[0] for r in after) > 0  # the received start is not asked again
+    # Only the tail of the broken chunk below a piece boundary was lost.
+    assert wasted(sim, TOTAL_40MB) < PIECE
+
+
 def test_a_split_chunk_that_fails_assembly_is_fetched_whole_again() -> None:
     # r0 spoils everything but is never cut off: its pieces spoil split chunks.
     paths, peers = sources([1 * MB] * 2)

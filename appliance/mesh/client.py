@@ -25,7 +25,34 @@ EXCHANGE_TIMEOUT = aiohttp.ClientTimeout(total=30.0, sock_connect=3.0, sock_read
 
 
 class FetchError(MeshError):
-    """The peer could not be reached or the exchange broke off."""
+    """The peer could not be reached or the exchange broke off. `partial`: the chunk it was
+    sending when the stream broke and the raw bytes of it received (unverified), if any."""
+
+    def __init__(self, message: str, partial: tuple[bytes, bytes] | None = None) -> None:
+        super().__init__(message)
+        self.partial = partial
+
+
+class StreamedFrame:
+    """The frame being read, so that a stream that breaks leaves its received prefix."""
+
+    def __init__(self) -> None:
+        self.digest = b""
+        self.codec = Codec.RAW
+        self.parts: list[bytes] = []
+
+    def start(self, digest: bytes, codec: int) -> None:
+        self.digest, self.codec, self.parts = digest, Codec(codec), []
+
+    def prefix(self) -> tuple[bytes, bytes] | None:
+        """(digest, raw bytes received) of the frame, None if nothing usable arrived."""
+        data = b"".join(self.parts)
+        if self.codec == Codec.ZSTD and data:
+            try:  # a zstd frame's prefix decodes to a prefix of the chunk
+                data = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+            except zstandard.ZstdError:
+                return None
+        return (self.digest, data) if data else None
 
 
 @dataclass(frozen=True)
@@ -110,12 +137,20 @@ class PeerClient:
         return await self._json(path, obj)
 
     async def fetch_chunks(
-        self, digests: list[bytes], on_bytes: Callable[[int], None], *, zstd: bool = True
+        self,
+        digests: list[bytes],
+        on_bytes: Callable[[int], None],
+        *,
+        zstd: bool = True,
+        frame: StreamedFrame | None = None,
     ) -> AsyncIterator[Fetched]:
         """Stream a batch: yields each chunk (verified off the event loop) as it completes;
         `on_bytes` sees progress as it arrives, in chunk (uncompressed) bytes: a chunk's
-        whole size is reported before it is yielded. Raises FetchError if the exchange fails."""
+        whole size is reported before it is yielded. Raises FetchError if the exchange fails.
+        `frame` (optional) holds the chunk being read, for a caller that cancels the stream
+        and wants what arrived of it."""
         body = protocol.encode_chunk_request(digests, zstd=zstd)
+        frame = frame or StreamedFrame()
         try:
             async with self.session.post(
                 "/mesh/v1/chunks", data=body, headers={"Content-Type": "application/octet-stream"}
@@ -123,9 +158,11 @@ class PeerClient:
                 if resp.status != 200:
                     raise FetchError(f"{self.peer.name}: chunks HTTP {resp.status}")
                 for digest in digests:
-                    yield await self._read_frame(resp.content, digest, on_bytes)
+                    yield await self._read_frame(resp.content, digest, on_bytes, frame)
         except (TimeoutError, aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
-            raise FetchError(f"{self.peer.name}: {exc.__class__.__name__} {exc}") from None
+            raise FetchError(
+                f"{self.peer.name}: {exc.__class__.__name__} {exc}", frame.prefix()
+            ) from None
 
     async def fetch_span(
         self,
@@ -149,7 +186,7 @@ class PeerClient:
                 status, codec, raw_size, length = protocol.decode_frame_header(header)
                 if status == protocol.MISSING:
                     return None
-                payload = await _read_payload(resp.content, length, raw_size, on_bytes)
+                payload = await _read_payload(resp.content, length, raw_size, on_bytes, [])
         except (TimeoutError, aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
             raise FetchError(f"{self.peer.name}: {exc.__class__.__name__} {exc}") from None
         want = span[1] - span[0]
@@ -162,13 +199,19 @@ class PeerClient:
         return raw
 
     async def _read_frame(
-        self, content: aiohttp.StreamReader, digest: bytes, on_bytes: Callable[[int], None]
+        self,
+        content: aiohttp.StreamReader,
+        digest: bytes,
+        on_bytes: Callable[[int], None],
+        frame: StreamedFrame,
     ) -> Fetched:
         header = await content.readexactly(protocol.FRAME.size)
         status, codec, raw_size, length = protocol.decode_frame_header(header)
         if status == protocol.MISSING:
             return Fetched(digest, None, missing=True, wire_bytes=len(header))
-        payload = await _read_payload(content, length, raw_size, on_bytes)
+        frame.start(digest, codec)
+        payload = await _read_payload(content, length, raw_size, on_bytes, frame.parts)
+        frame.parts = []
         loop = asyncio.get_running_loop()
         ok = await loop.run_in_executor(self._verifier, _verify, digest, codec, raw_size, payload)
         wire = len(header) + length
@@ -179,10 +222,14 @@ class PeerClient:
 
 
 async def _read_payload(
-    content: aiohttp.StreamReader, length: int, raw_size: int, on_bytes: Callable[[int], None]
+    content: aiohttp.StreamReader,
+    length: int,
+    raw_size: int,
+    on_bytes: Callable[[int], None],
+    parts: list[bytes],
 ) -> bytes:
-    """A frame's payload; progress reported in raw bytes, all of them before returning."""
-    parts = []
+    """A frame's payload, gathered in `parts`; progress reported in raw bytes, all of them
+    before returning."""
     left = length
     reported = 0
     while left:

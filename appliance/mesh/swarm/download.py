@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from appliance.mesh.catalog import Catalog
 from appliance.mesh.catalog_model import StudyView
-from appliance.mesh.client import FetchError, PeerClient
+from appliance.mesh.client import FetchError, PeerClient, StreamedFrame
 from appliance.mesh.config import MeshConfig
 from appliance.mesh.errors import MeshError, PeerInputError
 from appliance.mesh.peers import Peer, PeerRegistry
@@ -357,9 +357,10 @@ class StudyDownload:
             sched.on_bytes(req.id, n, self.clock())
 
         error: str | None = None
+        frame = StreamedFrame()
         try:
             async for fetched in self.client(peer).fetch_chunks(
-                list(req.chunks), on_bytes, zstd=self.cfg.wire_compression
+                list(req.chunks), on_bytes, zstd=self.cfg.wire_compression, frame=frame
             ):
                 if fetched.chunk is not None:
                     self._store(fetched.chunk)
@@ -371,10 +372,27 @@ class StudyDownload:
                 self._wake.set()
         except (FetchError, PeerInputError) as exc:
             error = str(exc)
+            self._salvage(frame, peer)
+        except asyncio.CancelledError:
+            self._salvage(frame, peer)  # a stalled path: keep what it sent of its chunk
+            raise
         finally:
             self._fetches.pop(req.id, None)
         sched.on_request_end(req.id, self.clock(), error)
         self._wake.set()
+
+    def _salvage(self, frame: StreamedFrame, peer: Peer) -> None:
+        """Keep the received start of a chunk whose stream broke: the rest comes as pieces."""
+        partial = frame.prefix()
+        if partial is None or self._sched is None:
+            return
+        digest, prefix = partial
+        kept = self._sched.on_partial(digest, len(prefix), self.clock())
+        if kept:
+            self._assembly[digest] = assembly = _Assembly(self._sizes[digest])
+            assembly.add((0, kept), prefix[:kept])
+            log.info("[%s] kept %d KiB of chunk %s from the broken stream of %s",
+                     self._tag, kept // 1024, digest.hex()[:16], peer.name)  # fmt: skip
 
     async def _fetch_span(self, req: Request, peer: Peer) -> None:
         """A piece of a split chunk; the chunk is checked once all its pieces are here."""

@@ -108,6 +108,11 @@ class ChunkPool:
         self.piece_bytes = piece_bytes
         self.pieces[i] = [0] * math.ceil(self.sizes[i] / piece_bytes)
 
+    def receive_pieces(self, i: int, n: int) -> None:
+        """The first n pieces of split chunk i arrived (kept from a broken stream)."""
+        for p in range(n):
+            self._receive(i, p)
+
     def unsplit(self, i: int) -> None:
         """The assembled chunk failed verification: fetch it whole again."""
         was = self.fresh(i)
@@ -144,13 +149,18 @@ class ChunkPool:
             return  # the chunk is done
         was = self.fresh(i)
         for p in range(a, b):
-            if received and states[p] != RECEIVED:
-                states[p] = RECEIVED
-                start, end = self.span(i, p, p + 1)
-                self.pieces_received += end - start
+            if received:
+                self._receive(i, p)
             elif states[p] > 0:
                 states[p] -= 1
         self._fresh_changed(i, was)
+
+    def _receive(self, i: int, p: int) -> None:
+        states = self.pieces[i]
+        if states[p] != RECEIVED:
+            states[p] = RECEIVED
+            start, end = self.span(i, p, p + 1)
+            self.pieces_received += end - start
 
     def _forget_pieces(self, i: int) -> None:
         states = self.pieces.pop(i, None)

@@ -252,6 +252,17 @@ class Simulation:
         else:
             self._aim(flow)
 
+    def _salvage(self, link: _Link, flow: _Flow) -> None:
+        """A whole-chunk flow broke off: offer what arrived of its current chunk."""
+        if flow.span is not None or not flow.reported:
+            return
+        digest = flow.chunks[flow.index]
+        kept = self.sched.on_partial(digest, flow.reported, self.now)
+        if kept:
+            self._pieces.setdefault(digest, []).append((0, kept))
+            if link.peer in self._corrupt:
+                self._tainted.add(digest)
+
     def _piece_arrived(self, link: _Link, digest: bytes, span: tuple[int, int]) -> None:
         """Assemble a split chunk once its pieces cover it (verification takes no time)."""
         got = self._pieces.setdefault(digest, [])
@@ -285,6 +296,7 @@ class Simulation:
                     if flow.id == action.id:
                         flows.remove(flow)
                         self.cancelled[flow.id] = flow.chunks[flow.index :]
+                        self._salvage(self._links[action.path], flow)
                         break
             else:
                 self.cut_offs.append((self.now, action))
@@ -327,6 +339,7 @@ class Simulation:
                 link.state = "dead"
                 flows, link.flows = link.flows, deque()
                 for flow in flows:
+                    self._salvage(link, flow)
                     self.sched.on_request_end(flow.id, now, error="connection reset")
             elif kind == "stall":
                 link.state = "stalled"
