@@ -21,9 +21,10 @@ Event contract:
 - on_span(id, digest): a piece request (Request.span set) delivered all of its bytes; they
   cannot be verified alone. on_assembled(digest, ok): the adapter put a split chunk's pieces
   together and checked it (ok=False: it failed; it is then fetched whole, from one path).
-- on_partial(digest, nbytes) -> kept: a stream broke or was cancelled part-way through a
-  chunk, after its first nbytes arrived. The chunk is split and the whole pieces among those
-  bytes count as received; the adapter keeps the first `kept` bytes for assembly.
+- on_partial(digest, nbytes) -> kept: after the end (or cancel) of a stream that broke
+  part-way through a chunk, its first nbytes having arrived. Unless another request already
+  carries the chunk, it is split and the whole pieces among those bytes count as received;
+  the adapter keeps the first `kept` bytes for assembly.
 - on_request_end(id, error): the response is over. error=None: chunks it did not deliver
   are re-queued and taken as no longer held by that peer until its next set_peer_chunks.
   error set (refused, reset, timeout): the path backs off and its other requests are cancelled.
@@ -244,14 +245,14 @@ class Scheduler:
         i = pool.index.get(chunk)
         if i is None or pool.done[i] or i in pool.pieces or i in self._whole_only:
             return 0
-        if not cfg.piece_bytes:
-            return 0
+        if not cfg.piece_bytes or pool.copies[i]:
+            return 0  # already asked of another path (a stall is noticed after a re-queue)
         whole = nbytes // cfg.piece_bytes
         if whole == 0 or whole * cfg.piece_bytes >= pool.sizes[i]:
             return 0
         pool.split(i, cfg.piece_bytes)
         pool.receive_pieces(i, whole)
-        pool.dirty = True  # it may still be carried by the broken request: recount later
+        pool.dirty = True
         return whole * cfg.piece_bytes
 
     def on_assembled(self, chunk: bytes, ok: bool, now: float) -> None:

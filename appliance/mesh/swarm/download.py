@@ -372,13 +372,14 @@ class StudyDownload:
                 self._wake.set()
         except (FetchError, PeerInputError) as exc:
             error = str(exc)
-            self._salvage(frame, peer)
         except asyncio.CancelledError:
-            self._salvage(frame, peer)  # a stalled path: keep what it sent of its chunk
+            self._salvage(frame, peer)  # cancelled (stalled path): keep what it sent, if unclaimed
             raise
         finally:
             self._fetches.pop(req.id, None)
         sched.on_request_end(req.id, self.clock(), error)
+        if error is not None:
+            self._salvage(frame, peer)  # after the end: the chunk is free again
         self._wake.set()
 
     def _salvage(self, frame: StreamedFrame, peer: Peer) -> None:

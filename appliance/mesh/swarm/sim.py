@@ -339,8 +339,8 @@ class Simulation:
                 link.state = "dead"
                 flows, link.flows = link.flows, deque()
                 for flow in flows:
-                    self._salvage(link, flow)
                     self.sched.on_request_end(flow.id, now, error="connection reset")
+                    self._salvage(link, flow)
             elif kind == "stall":
                 link.state = "stalled"
             elif kind == "revive":
