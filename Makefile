@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STATE  ?= var
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean image image-boot-test
 
 # Re-install whenever pyproject.toml changes.
 $(VENV)/.runtime: pyproject.toml
@@ -28,6 +28,16 @@ lint: $(VENV)/.test
 
 bench: $(VENV)/.test
 	$(BIN)/python bench/ingest.py
+
+# Appliance images (image/README.md; not run in CI: minutes of downloads and emulation).
+# UPDATE_PUBKEY: the Ed25519 public key (PEM) update bundles must be signed with.
+image:
+	test -n "$(UPDATE_PUBKEY)" || { echo "set UPDATE_PUBKEY=path/to/update.pub" >&2; exit 2; }
+	image/build.sh amd64 $(UPDATE_PUBKEY) out/
+	image/build.sh arm64 $(UPDATE_PUBKEY) out/
+
+image-boot-test:
+	image/boot-test.sh out/dicomesh-amd64.qcow2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

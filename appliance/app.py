@@ -9,11 +9,14 @@ start/stop steps run in the default executor so the loop never blocks.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
+import aiohttp
 import uvloop
 
 from appliance import __version__
@@ -21,14 +24,23 @@ from appliance.config import Config
 from appliance.control import ControlServer
 from appliance.dicom.scp import DicomNodeServer
 from appliance.mesh.node import MeshNode
+from appliance.mesh.peers import PEERS_FILE, PeerRegistry
 from appliance.mesh.remote import RemoteReader
 from appliance.mesh.swarm.download import DownloadState
+from appliance.mesh.uplinks import MeshNetwork
+from appliance.net.binding import UplinkBinding, tcp_connector
+from appliance.net.errors import NetError
+from appliance.net.manager import NetworkManager
+from appliance.qos.probe import ProbeResponder
 from appliance.sdnotify import Notifier
 from appliance.store import Store, StoreError
+from appliance.web.server import WebServer
 
 log = logging.getLogger(__name__)
 
 _CAP_NET_ADMIN = 12  # linux/capability.h
+# Without --config, settings changed on the admin page go here and are loaded at start.
+CONFIG_IN_STATE_DIR = "dicomesh.toml"
 
 
 def has_net_admin() -> bool:
@@ -58,47 +70,73 @@ class _DicomMeshAccess:
 
 
 class Gateway:
-    """The running gateway: store, mesh and DICOM node (network and web join later)."""
+    """The running gateway: store, mesh, DICOM node, network, QoS probe and admin page."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, config_path: Path | None = None) -> None:
         self.cfg = cfg
+        # Where the admin page writes settings: the --config file, else the state dir's.
+        self.config_path = config_path or Path(cfg.state_dir) / CONFIG_IN_STATE_DIR
+        self.started_at = time.time()
+        self.web: WebServer | None = None
         self.store: Store | None = None
         self.mesh: MeshNode | None = None
         self.control: ControlServer | None = None
         self.dicom: DicomNodeServer | None = None
+        self.probe: ProbeResponder | None = None
+        self.net: NetworkManager | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         state = Path(self.cfg.state_dir)
         state.mkdir(mode=0o750, parents=True, exist_ok=True)
+        if self.cfg.web.enabled:
+            self.web = WebServer(self.cfg.web, self)  # early: its log buffer sees start-up
         if not has_net_admin():
             log.info(
                 "no CAP_NET_ADMIN (not root): WireGuard and uplink policy routing stay off; "
                 "the DICOM node and the store run"
             )
+        elif self.cfg.net.uplinks:
+            self.net = await _start_network(self.cfg, state)
         self.store = await loop.run_in_executor(None, Store, self.cfg.store, state / "store")
         self.control = ControlServer(state)
+        if self.net is not None:
+            self.control.add_routes(self.net.control_routes)
         access = None
         if self.cfg.mesh.enabled:
-            self.mesh = MeshNode(self.cfg.mesh, state, self.store)
+            network = mesh_network(self.cfg, self.net) if self.net is not None else None
+            self.mesh = MeshNode(self.cfg.mesh, state, self.store, network)
             await self.mesh.start()
             self.control.add_routes(self.mesh.control_routes)
             access = _DicomMeshAccess(self.mesh, self.cfg.mesh.list_remote_studies)
+        if self.cfg.qos.enabled:
+            self.probe = await _start_probe(self.cfg, state, self.mesh)
         await self.control.start()
         self.dicom = DicomNodeServer(self.cfg.dicom, self.store, access)
         await loop.run_in_executor(None, self.dicom.start)
+        if self.web is not None:
+            await self.web.start()
 
     async def stop(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.web is not None:
+            await self.web.stop()
+            self.web = None
         if self.dicom is not None:
             await loop.run_in_executor(None, self.dicom.stop)
             self.dicom = None
         if self.control is not None:
             await self.control.stop()
             self.control = None
+        if self.probe is not None:
+            await self.probe.stop()
+            self.probe = None
         if self.mesh is not None:
             await self.mesh.stop()
             self.mesh = None
+        if self.net is not None:
+            await self.net.stop()
+            self.net = None
         if self.store is not None:
             await loop.run_in_executor(None, self.store.close)
             self.store = None
@@ -111,14 +149,73 @@ class Gateway:
         return await loop.run_in_executor(None, self.store.ping, timeout)
 
 
-async def serve(cfg: Config, notifier: Notifier | None = None) -> int:
+async def _start_probe(cfg: Config, state: Path, mesh: MeshNode | None) -> ProbeResponder | None:
+    """The QoS probe responder for the peers the mesh admits (it reloads the registry; without
+    the mesh the responder does). Optional: a busy port leaves it off with an error line."""
+    if mesh is not None:
+        probe = ProbeResponder(cfg.qos, [cfg.mesh.address, *cfg.qos.lan_addresses], mesh.registry)
+    else:
+        registry = PeerRegistry(state / PEERS_FILE)
+        probe = ProbeResponder(
+            cfg.qos, [cfg.mesh.address, *cfg.qos.lan_addresses], registry,
+            refresh=registry.reload_if_changed,
+        )  # fmt: skip
+    try:
+        await probe.start()
+    except OSError as exc:
+        log.error("qos probe responder off: port %d: %s", cfg.qos.probe_port, exc)
+        return None
+    return probe
+
+
+def mesh_network(cfg: Config, net: NetworkManager) -> MeshNetwork:
+    """The network as the mesh uses it: swarm paths per (peer, usable uplink), each path's
+    connections bound to its uplink; with WireGuard, the mesh server on the tunnels' overlay
+    addresses and loopback only, refusing sources outside the overlay."""
+    wg = cfg.net.wireguard
+    listen: tuple[str, ...] = ()
+    overlay = None
+    if wg.enabled:
+        overlay = wg.overlay_network
+        addresses = [up.overlay_address for up in cfg.net.uplinks if up.overlay_address]
+        if cfg.mesh.address not in addresses:
+            if ipaddress.ip_address(cfg.mesh.address) in ipaddress.ip_network(overlay):
+                addresses.append(cfg.mesh.address)
+            else:
+                log.warning(
+                    "mesh.address %s is outside the overlay %s: the mesh does not listen on "
+                    "it with WireGuard on", cfg.mesh.address, overlay,
+                )  # fmt: skip
+        listen = (*addresses, "127.0.0.1")
+
+    def connector(binding: UplinkBinding, limit: int) -> aiohttp.BaseConnector:
+        return tcp_connector(binding, limit=limit)
+
+    return MeshNetwork(net, connector, listen, overlay)
+
+
+async def _start_network(cfg: Config, state: Path) -> NetworkManager | None:
+    """Uplink routing, health and tunnels. A failure leaves them off with an error line: the
+    DICOM node must keep accepting studies whatever the lines do."""
+    net = NetworkManager(cfg.net, state)
+    try:
+        await net.start()
+    except (NetError, OSError) as exc:
+        log.error("network setup failed, uplink routing and tunnels stay off: %s", exc)
+        return None
+    return net
+
+
+async def serve(
+    cfg: Config, notifier: Notifier | None = None, config_path: Path | None = None
+) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
     notifier = notifier or Notifier.from_env()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    gateway = Gateway(cfg)
+    gateway = Gateway(cfg, config_path)
     try:
         await gateway.start()
     except (OSError, StoreError) as exc:
@@ -161,5 +258,5 @@ async def _watchdog(gateway: Gateway, notifier: Notifier, interval: float) -> No
             )
 
 
-def run(cfg: Config) -> int:
-    return uvloop.run(serve(cfg))
+def run(cfg: Config, config_path: Path | None = None) -> int:
+    return uvloop.run(serve(cfg, config_path=config_path))

@@ -13,6 +13,7 @@ from appliance.config import ConfigError, load_config, render_toml
 # Without a config file the gateway runs with built-in defaults and keeps its state here
 # (relative to the working directory), so `make run` works for any user on a fresh checkout.
 DEV_STATE_DIR = Path("var")
+CONFIG_IN_STATE_DIR = "dicomesh.toml"  # same name as appliance.app's (cli must stay light)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,10 +39,25 @@ def main(argv: list[str] | None = None) -> int:
     peer_sub = peer.add_subparsers(dest="peer_command", required=True)
     add = peer_sub.add_parser("add", help="admit a gateway")
     add.add_argument("name")
-    add.add_argument("--key", required=True, help="its WireGuard public key (base64)")
-    add.add_argument("--address", action="append", required=True, help="overlay address")
+    add.add_argument(
+        "--key",
+        action="append",
+        required=True,
+        help="its WireGuard public key (base64); repeat once per uplink tunnel",
+    )
+    add.add_argument(
+        "--address", action="append", required=True, help="overlay address (one per --key)"
+    )
+    add.add_argument(
+        "--endpoint", action="append", help="its WireGuard endpoint host:port (one per --key)"
+    )
     add.add_argument("--role", choices=["clinic", "replica"], default="clinic")
     add.add_argument("--port", type=int, help="its mesh HTTP port (default 7480)")
+    add.add_argument(
+        "--admin",
+        action="store_true",
+        help="it may open this gateway's admin page over the VPN (remote administration)",
+    )
     peer_sub.add_parser("list", help="list admitted gateways")
     remove = peer_sub.add_parser("remove", help="revoke a gateway")
     remove.add_argument("name")
@@ -55,9 +71,15 @@ def main(argv: list[str] | None = None) -> int:
 
     qos_handlers = qos_cli.add_parser(sub)
 
+    from appliance.net import cli as net_cli
+
+    net_handlers = net_cli.add_parser(sub, lambda a: load_config(a.config, _overrides(a)))
+
     args = parser.parse_args(argv)
     if args.command == "qos":
         return qos_cli.run(qos_handlers, args)
+    if args.command == "net":
+        return net_cli.run(net_handlers, args)
     if args.command == "run":
         return _run(args)
     if args.command == "peer":
@@ -83,8 +105,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # Without --config, the settings the admin page wrote into the state directory (if any)
+    # are the config file: so `make run` keeps what was set on the page across restarts.
+    path = args.config
+    if path is None:
+        in_state = Path(load_config(None, _overrides(args)).state_dir) / CONFIG_IN_STATE_DIR
+        path = in_state if in_state.exists() else None
     try:
-        cfg = load_config(args.config, _overrides(args))
+        cfg = load_config(path, _overrides(args))
     except ConfigError as exc:
         print(f"dicomesh: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
@@ -92,7 +120,7 @@ def _run(args: argparse.Namespace) -> int:
     from appliance import app, logs
 
     logs.setup(cfg.log.level)
-    return app.run(cfg)
+    return app.run(cfg, config_path=args.config or Path(cfg.state_dir) / CONFIG_IN_STATE_DIR)
 
 
 def _config_check(path: Path) -> int:
@@ -118,14 +146,18 @@ def _peer(args: argparse.Namespace) -> int:
         if args.peer_command == "add":
             peer = peers.peer_from_args(
                 name=args.name,
-                public_key=args.key,
+                public_key=args.key[0],
+                tunnel_keys=args.key[1:] or None,
                 addresses=args.address,
+                endpoints=args.endpoint,
                 role=args.role,
                 port=args.port,
+                admin=args.admin or None,
             )
             path.parent.mkdir(parents=True, exist_ok=True)
             peers.add_peer(path, peer)
-            print(f"admitted {peer.name} ({', '.join(peer.addresses)}, {peer.role})")
+            admin = ", admin" if peer.admin else ""
+            print(f"admitted {peer.name} ({', '.join(peer.addresses)}, {peer.role}{admin})")
         elif args.peer_command == "remove":
             if not peers.remove_peer(path, args.name):
                 print(f"dicomesh: no peer called {args.name!r}", file=sys.stderr)
@@ -133,7 +165,10 @@ def _peer(args: argparse.Namespace) -> int:
             print(f"revoked {args.name}")
         else:
             for p in peers.read_peers(path):
-                print(f"{p.name}\t{p.role}\t{','.join(p.addresses)}:{p.port}\t{p.public_key}")
+                admin = "\tadmin" if p.admin else ""
+                print(
+                    f"{p.name}\t{p.role}\t{','.join(p.addresses)}:{p.port}\t{p.public_key}{admin}"
+                )
     except ConfigError as exc:
         print(f"dicomesh: {exc}", file=sys.stderr)
         return 2

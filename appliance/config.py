@@ -31,8 +31,11 @@ import tomli_w
 
 from appliance.dicom.config import DicomConfig
 from appliance.mesh.config import MeshConfig
+from appliance.net.config import NetConfig
+from appliance.qos.config import QosConfig
 from appliance.schema import ConfigError, absolute_path, dump, load, setting
 from appliance.store.config import StoreConfig
+from appliance.web.config import WebConfig
 
 __all__ = ["Config", "ConfigError", "LogConfig", "load_config", "render_toml"]
 
@@ -55,6 +58,9 @@ class Config:
     dicom: DicomConfig = setting(default_factory=DicomConfig, doc="the DICOM node")
     store: StoreConfig = setting(default_factory=StoreConfig, doc="the chunk store")
     mesh: MeshConfig = setting(default_factory=MeshConfig, doc="the study mesh")
+    net: NetConfig = setting(default_factory=NetConfig, doc="uplinks, routing and WireGuard")
+    qos: QosConfig = setting(default_factory=QosConfig, doc="the QoS probe responder")
+    web: WebConfig = setting(default_factory=WebConfig, doc="the local admin page")
 
 
 def _apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> None:
@@ -74,8 +80,13 @@ def _apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> None
             table[leaf] = copy.deepcopy(value)  # later overrides must not edit the caller's
 
 
-def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
-    """Load `path` (None = built-in defaults) with `overrides` on top; raise ConfigError."""
+def load_config(
+    path: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    defaults: Mapping[str, Any] | None = None,
+) -> Config:
+    """Load `path` (None = built-in defaults) with `overrides` on top; raise ConfigError.
+    `defaults` (the board profile's nested tables) lie under the file: the file wins."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -85,6 +96,10 @@ def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = 
             raise ConfigError([f"{path}: {exc.strerror or exc}"]) from exc
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError([f"{path}: {exc}"]) from exc
+    if defaults:
+        base = copy.deepcopy(dict(defaults))
+        _apply_overrides(base, data)
+        data = base
     _apply_overrides(data, overrides or {})
     return load(Config, data)
 

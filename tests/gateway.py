@@ -100,6 +100,11 @@ class Gateway:
             mesh["port"],
             mesh["name"],
         )
+        # The admin page on its own port, no zeroconf (tests that want it say so).
+        webcfg = {"port": free_port(), "listen": [LOOPBACK], "zeroconf": False}
+        webcfg.update(sections.pop("web", {}))
+        config["web"] = webcfg
+        self.web_port = webcfg["port"]
         config.update(sections)
         self.config_path = workdir / "dicomesh.toml"
         self.config_path.write_text(tomli_w.dumps(config))

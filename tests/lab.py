@@ -293,27 +293,8 @@ class Lab:
             return
         self._closed = True
         _open_labs.discard(self)
-        errors: list[str] = []
-        live = [p for p in self._procs if p.poll() is None]
-        for p in live:
-            _signal_group(p, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE
-        for p in live:
-            try:
-                p.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _signal_group(p, signal.SIGKILL)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.wait(timeout=STOP_GRACE)
-        for ns in reversed(self._namespaces):
-            try:
-                # Only processes inside a namespace of this lab, i.e. started by it.
-                for pid in _cmd(f"ip netns pids {ns}", check=False).split():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(int(pid), signal.SIGKILL)
-                _cmd(f"ip netns del {ns}")
-            except LabError as exc:
-                errors.append(str(exc))
+        stop_processes(self._procs)
+        errors = delete_namespaces(self._namespaces)
         self._namespaces.clear()
         if errors:
             raise LabError("teardown: " + "; ".join(errors))
@@ -488,6 +469,37 @@ class Lab:
             for addr in end["peers"]
         }
         return Goodput(sum(per.values()), per, dt)
+
+
+def stop_processes(procs: Iterable[subprocess.Popen]) -> None:
+    """SIGTERM the process groups still running, SIGKILL those not gone within the grace."""
+    live = [p for p in procs if p.poll() is None]
+    for p in live:
+        _signal_group(p, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE
+    for p in live:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _signal_group(p, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=STOP_GRACE)
+
+
+def delete_namespaces(namespaces: Sequence[str]) -> list[str]:
+    """Kill what still runs inside each namespace (only a lab's own namespaces are passed:
+    processes it started, or the code under test started in them), then delete it, newest
+    first. Returns the errors instead of stopping at the first one."""
+    errors: list[str] = []
+    for ns in reversed(namespaces):
+        try:
+            for pid in _cmd(f"ip netns pids {ns}", check=False).split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+            _cmd(f"ip netns del {ns}")
+        except LabError as exc:
+            errors.append(str(exc))
+    return errors
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

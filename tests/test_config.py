@@ -567,3 +567,20 @@ def test_generic_checks() -> None:
 def test_non_callable_check_fails_at_definition() -> None:
     with pytest.raises(TypeError, match="check must be callable"):
         setting(1, check="port_range")  # type: ignore[arg-type]
+
+
+def test_board_defaults_lie_under_the_file_and_flags(tmp_path: Path) -> None:
+    board = {
+        "dicom": {"max_associations": 16, "ae_title": "BOARD"},
+        "store": {"compression": "zstd"},
+    }
+    path = tmp_path / "c.toml"
+    path.write_text('[dicom]\nae_title = "FILE"\n')
+    cfg = load_config(path, {"dicom.port": 1234}, defaults=board)
+    assert cfg.dicom.max_associations == 16  # from the board: the file is silent
+    assert cfg.dicom.ae_title == "FILE"  # the file wins over the board
+    assert cfg.dicom.port == 1234  # flags win over both
+    assert cfg.store.compression == "zstd"
+    assert board["dicom"]["ae_title"] == "BOARD"  # the profile is not edited
+    with pytest.raises(ConfigError, match=r"dicom\.max_associations"):
+        load_config(None, defaults={"dicom": {"max_associations": -1}})

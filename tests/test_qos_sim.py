@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from appliance.qos.scenario import parse_scenario
-from appliance.qos.simstats import percentile, rfc3550_jitter
 from appliance.qos.simulator import simulate
+from appliance.qos.stats_flow import percentile, rfc3550_jitter
 from appliance.qos.traffic import draw
 
 

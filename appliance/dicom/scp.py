@@ -12,7 +12,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -178,6 +178,26 @@ class DicomNodeServer:
             target=server.serve_forever, name="dicom-listener", daemon=True
         )
         self._thread.start()
+
+    def apply(self, cfg: DicomConfig) -> list[str]:
+        """Take a new config while running: everything but the listening address applies to
+        the next association. Returns the keys that need a restart (listen, port)."""
+        restart = [key for key in ("listen", "port") if getattr(cfg, key) != getattr(self.cfg, key)]
+        self.cfg = cfg
+        ae = self.ae
+        ae.ae_title = cfg.ae_title.strip()
+        ae.maximum_pdu_size = cfg.max_pdu
+        ae.maximum_associations = cfg.max_associations
+        ae.acse_timeout = cfg.acse_timeout_s
+        ae.dimse_timeout = cfg.dimse_timeout_s
+        ae.network_timeout = cfg.network_timeout_s
+        ae.connection_timeout = cfg.acse_timeout_s
+        ae.require_called_aet = cfg.strict_called_ae
+        ae.require_calling_aet = [t.strip() for t in cfg.allowed_calling]
+        if self._server is not None:
+            # pynetdicom gives each accepted association the server's AE title.
+            self._server.ae_title = cfg.ae_title.strip()
+        return restart
 
     @property
     def port(self) -> int:
@@ -406,29 +426,52 @@ class DicomNodeServer:
             return done
         return self._readers.submit(retrieve.load, self.store, got)
 
-    def _send(self, event: evt.Event, items: list[retrieve.Item]) -> Iterator[Any]:
-        started = time.monotonic()
+    def resolve_study(self, study_uid: str) -> list[retrieve.Item]:
+        """The instances of a study held here or (with the mesh) anywhere in the mesh."""
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "STUDY"
+        identifier.StudyInstanceUID = study_uid
+        return self._resolve(identifier, "study")
+
+    def instances(
+        self, items: list[retrieve.Item], cancelled: Callable[[], bool]
+    ) -> Iterator[RawInstance]:
+        """The instances to send, held ones first, the others as the mesh delivers them (an
+        unreadable or undelivered one has `raw` None); stops early once `cancelled()`.
+        Thread side: blocks while waiting for the mesh."""
         arrivals = self._arrivals(items)
         # Read and verify the next instance (LMDB read + SHA-256, ~1 ms per CT slice) while
         # one is on the wire; hashlib and LMDB reads release the GIL.
         current: Future | None = None
-        while True:
-            if event.is_cancelled:
-                yield status.CANCEL, None
-                return
+        while not cancelled():
             if current is None:
                 got = arrivals.next(block=True)
                 if got is END:
-                    break
+                    return
                 if got is WAIT:
                     continue
                 current = self._load(got)  # type: ignore[arg-type]
             instance = current.result()
             following = arrivals.next(block=False)
             current = None if following in (WAIT, END) else self._load(following)  # type: ignore[arg-type]
-            yield status.PENDING, instance
+            yield instance
             if following is END:
-                break
+                return
+
+    def _send(self, event: evt.Event, items: list[retrieve.Item]) -> Iterator[Any]:
+        started = time.monotonic()
+        stopped = False  # a cancel seen by instances(), not one after the last instance
+
+        def cancelled() -> bool:
+            nonlocal stopped
+            stopped = stopped or event.is_cancelled
+            return stopped
+
+        for instance in self.instances(items, cancelled):
+            yield status.PENDING, instance
+        if stopped:
+            yield status.CANCEL, None
+            return
         self.store.record_access({item.study_uid for item in items})
         log.info(
             "[%s] %d instance(s) retrieved in %.1f s",

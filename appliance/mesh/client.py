@@ -77,16 +77,26 @@ class PeerClient:
         *,
         connect_timeout: float = 3.0,
         max_connections: int = 4,
+        connector: aiohttp.BaseConnector | None = None,
+        address: str | None = None,
     ) -> None:
+        """`connector`: one whose connections already leave through an uplink (bound to
+        `local_address` and marked, see appliance.net.binding), instead of one bound to
+        `local_address` only. `address`: which of the peer's overlay addresses to talk to
+        (default its first; each is the far end of one of its uplink tunnels)."""
         self.peer = peer
         self.local_address = local_address
         self._verifier = verifier
-        connector = aiohttp.TCPConnector(
-            local_addr=(local_address, 0), limit=max_connections, force_close=False
-        )
+        if connector is None:
+            connector = aiohttp.TCPConnector(
+                local_addr=(local_address, 0), limit=max_connections, force_close=False
+            )
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout)
         self.session = aiohttp.ClientSession(
-            base_url=peer.url, connector=connector, timeout=timeout, auto_decompress=False
+            base_url=_url(peer, address) if address else peer.url,
+            connector=connector,
+            timeout=timeout,
+            auto_decompress=False,
         )
 
     async def close(self) -> None:
@@ -246,6 +256,11 @@ async def _read_payload(
     if raw_size > reported:
         on_bytes(raw_size - reported)
     return b"".join(parts)
+
+
+def _url(peer: Peer, host: str) -> str:
+    """The peer's mesh server at one of its addresses."""
+    return f"http://[{host}]:{peer.port}" if ":" in host else f"http://{host}:{peer.port}"
 
 
 def _inflate(payload: bytes, size: int) -> bytes:

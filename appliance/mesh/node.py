@@ -9,6 +9,8 @@ import contextlib
 import json
 import logging
 import time
+from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ from appliance.mesh.errors import MeshError, PeerInputError
 from appliance.mesh.peers import PEERS_FILE, Peer, PeerRegistry
 from appliance.mesh.server import MeshServer
 from appliance.mesh.swarm.download import DownloadError, DownloadState, StudyDownload
+from appliance.mesh.uplinks import MeshNetwork, UplinkChange
 from appliance.store import Store
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,8 @@ log = logging.getLogger(__name__)
 PULL_LIMIT = 1000
 REGISTRY_POLL_S = 2.0
 PUBLISH_DEBOUNCE_S = 1.0
+# Connections per (peer, uplink) path: a chunk stream and the next request's, plus spares.
+CONNECTIONS_PER_PATH = 4
 
 
 @dataclass
@@ -63,20 +68,37 @@ def _progress_line(state: DownloadState) -> dict[str, Any]:
 class MeshNode:
     """Runs the mesh for one gateway."""
 
-    def __init__(self, cfg: MeshConfig, state_dir: Path, store: Store) -> None:
+    def __init__(
+        self, cfg: MeshConfig, state_dir: Path, store: Store, network: MeshNetwork | None = None
+    ) -> None:
+        """`network`: the uplinks to spread swarm paths over and where to listen (app.py
+        builds it from the NetworkManager); None: one path per peer from `[mesh] address`."""
         self.cfg = cfg
         self.store = store
+        self.network = network
         self.registry = PeerRegistry(state_dir / PEERS_FILE)
         self.catalog = Catalog(store, cfg.name)
-        self.server = MeshServer(cfg, self.registry, store, extra_routes=self._routes)
+        self.server = MeshServer(
+            cfg,
+            self.registry,
+            store,
+            extra_routes=self._routes,
+            listen=network.listen if network else (),
+            overlay_network=network.overlay_network if network else None,
+        )
         self.peer_state: dict[str, PeerState] = {}
-        self._clients: dict[str, PeerClient] = {}
+        # One client per (peer, uplink): uplink None is `[mesh] address`, unbound to a line.
+        self._clients: dict[tuple[str, str | None], PeerClient] = {}
+        self._unsubscribe: Callable[[], None] | None = None
+        self._down_uplinks: set[str] = set()
         self._verifier = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mesh-verify")
         self._dirty: set[str] = set()
         self._dirty_event = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._spawned: set[asyncio.Future] = set()
         self._downloads: dict[str, StudyDownload] = {}
+        # Useful bytes received per peer by finished downloads (running ones: downloads()).
+        self.bytes_from_peer: Counter[str] = Counter()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -86,6 +108,8 @@ class MeshNode:
         self.registry.reload_if_changed()
         await self.server.start()
         self.store.add_commit_listener(self._on_commit)
+        if self.network is not None:
+            self._unsubscribe = self.network.uplinks.subscribe(self._on_uplink_change)
         self._tasks = [
             asyncio.create_task(self._watch_registry(), name="mesh-registry"),
             asyncio.create_task(self._publisher(), name="mesh-publisher"),
@@ -95,11 +119,14 @@ class MeshNode:
         ]
         log.info(
             "mesh %s (%s) listening on %s:%d, %d peer(s) admitted",
-            self.cfg.name, self.cfg.role, self.cfg.address, self.server.port,
+            self.cfg.name, self.cfg.role, ", ".join(self.server.addresses), self.server.port,
             len(self.registry.peers()),
         )  # fmt: skip
 
     async def stop(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
         # Downloads stop too: their verified chunks are durable, and the next start resumes.
         for task in [*self._tasks, *self._spawned]:
             task.cancel()
@@ -114,14 +141,61 @@ class MeshNode:
     # -- peers ---------------------------------------------------------------------------
 
     def client(self, peer: Peer) -> PeerClient:
-        """The client for a peer (recreated when its registry entry changed)."""
-        current = self._clients.get(peer.name)
-        if current is None or current.peer != peer:
+        """The client for a peer's small exchanges (catalog, manifests, have): over the first
+        usable uplink when there are uplinks, else from `[mesh] address`."""
+        usable = self.network.usable() if self.network is not None else []
+        return self.path_client(peer, usable[0].uplink if usable else None)
+
+    def path_client(self, peer: Peer, uplink: str | None) -> PeerClient:
+        """The client for a peer over one uplink (None: from `[mesh] address`, unbound),
+        recreated when the peer's registry entry or the uplink's address changed."""
+        found = None
+        if uplink is not None and self.network is not None:
+            found = self.network.binding(uplink)
+        if found is None:
+            uplink = None
+        source = found[1].source if found is not None else self.cfg.address
+        key = (peer.name, uplink)
+        current = self._clients.get(key)
+        if current is None or current.peer != peer or current.local_address != source:
             if current is not None:
                 self._background(current.close())
-            current = PeerClient(peer, self.cfg.address, self._verifier)
-            self._clients[peer.name] = current
+            if found is None or self.network is None:
+                current = PeerClient(peer, source, self._verifier)
+            else:
+                # Local uplink i talks to the peer's tunnel address i (mod its count): with
+                # several lines at both ends, every pair of lines carries a path.
+                index, binding = found
+                current = PeerClient(
+                    peer,
+                    source,
+                    self._verifier,
+                    connector=self.network.connector(binding, CONNECTIONS_PER_PATH),
+                    address=peer.addresses[index % len(peer.addresses)],
+                )
+            self._clients[key] = current
         return current
+
+    def usable_uplinks(self) -> list[str]:
+        """The uplinks swarm paths use now, config order (none without a network)."""
+        if self.network is None:
+            return []
+        return [b.uplink for b in self.network.usable()]
+
+    def _on_uplink_change(self, change: UplinkChange) -> None:
+        """Running downloads add or drop the uplink's paths at once (a dead line's chunks go
+        to the other paths); a line back up gets fresh connections (the old ones may be
+        wedged in retransmission)."""
+        if not change.usable:
+            self._down_uplinks.add(change.uplink)
+        elif change.uplink in self._down_uplinks:
+            self._down_uplinks.discard(change.uplink)
+            for key in [k for k in self._clients if k[1] == change.uplink]:
+                client = self._clients.pop(key)
+                self._background(client.close())
+        for download in self._downloads.values():
+            if not download.state.finished:
+                download.uplinks_changed()
 
     def _background(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -146,10 +220,10 @@ class MeshNode:
             await asyncio.sleep(REGISTRY_POLL_S)
             if self.registry.reload_if_changed():
                 admitted = {p.name for p in self.registry.peers()}
-                for name in list(self._clients):
-                    if name not in admitted:
-                        await self._clients.pop(name).close()
-                        self.peer_state.pop(name, None)
+                for key in list(self._clients):
+                    if key[0] not in admitted:
+                        await self._clients.pop(key).close()
+                        self.peer_state.pop(key[0], None)
 
     # -- catalog sync ----------------------------------------------------------------------
 
@@ -226,6 +300,8 @@ class MeshNode:
             registry=self.registry,
             client=self.client,
             io=self._verifier,
+            path_client=self.path_client,
+            uplinks=self.usable_uplinks if self.network is not None else None,
         )
         self._downloads[study_uid] = download
         self._background(self._run_download(download))
@@ -240,6 +316,19 @@ class MeshNode:
 
         return asyncio.run_coroutine_threadsafe(start(), self._loop).result(timeout)
 
+    def downloads(self) -> list[DownloadState]:
+        """The downloads started since start, running and finished (for status pages)."""
+        return [d.state for d in self._downloads.values()]
+
+    def bytes_received(self) -> Counter[str]:
+        """Useful bytes received per peer since start, running downloads included."""
+        total = Counter(self.bytes_from_peer)
+        for d in self._downloads.values():
+            progress = d.state.progress
+            if progress is not None and not d.state.finished:
+                total.update(progress.peer_bytes)
+        return total
+
     async def _run_download(self, download: StudyDownload) -> None:
         started = time.monotonic()
         try:
@@ -250,16 +339,23 @@ class MeshNode:
         except Exception:
             log.exception("fetch %s failed", download.study_uid)
             return
+        finally:
+            if (progress := download.state.progress) is not None:
+                self.bytes_from_peer.update(progress.peer_bytes)
         progress = state.progress
+        per_uplink = ", ".join(
+            f"{name} {n / 1e6:.1f} MB" for name, n in sorted(state.uplink_bytes.items())
+        )
         log.info(
             "fetch %s done: %d instance(s), %.1f MB in %.2f s (%.1f MB fetched twice, "
-            "%.1f MB corrupt)",
+            "%.1f MB corrupt)%s",
             download.study_uid,
             len(state.instances_done),
             (progress.bytes_total if progress else 0) / 1e6,
             time.monotonic() - started,
             (progress.duplicate_bytes if progress else 0) / 1e6,
             (progress.corrupt_bytes if progress else 0) / 1e6,
+            f"; received per uplink: {per_uplink}" if per_uplink else "",
         )
 
     def control_routes(self, app: web.Application) -> None:

@@ -75,6 +75,9 @@ class Peer:
         check=underlay_endpoint,
         doc="its WireGuard endpoints, host:port, one per uplink",
     )
+    # Remote administration: only admin peers may open this gateway's admin page over the
+    # overlay (the page still asks for the password).
+    admin: bool = setting(False, doc="may reach the admin page over the overlay")
 
     @property
     def public_keys(self) -> list[str]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -31,6 +32,7 @@ PEER_KEY = web.RequestKey("peer", Peer)
 # A bounded map keyed by addresses peers control: remember which unknown addresses we
 # already warned about, at most this many.
 _MAX_WARNED = 1024
+_IP_FREEBIND = 15  # linux/in.h (Python 3.11's socket module does not name it)
 
 
 class MeshServer:
@@ -42,8 +44,18 @@ class MeshServer:
         registry: PeerRegistry,
         store: Store,
         extra_routes: Callable[[web.Application], None] | None = None,
+        *,
+        listen: Sequence[str] = (),
+        overlay_network: str | None = None,
     ) -> None:
+        """`listen`: the addresses to serve on (default `[mesh] address`); with WireGuard
+        on, the tunnels' overlay addresses and loopback. `overlay_network`: with WireGuard
+        on, connections from outside it (plain underlay) are refused whatever the registry
+        says: only a tunnel vouches for a source address."""
         self.cfg = cfg
+        self.listen = tuple(listen) or (cfg.address,)
+        self._freebind = bool(listen)
+        self._overlay = ipaddress.ip_network(overlay_network) if overlay_network else None
         self.registry = registry
         self.store = store
         self.counters: Counter[str] = Counter()
@@ -66,14 +78,23 @@ class MeshServer:
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.cfg.address, self.cfg.port, reuse_address=True)
-        await site.start()
+        port = self.cfg.port
+        for address in self.listen:
+            sock = _listening_socket(address, port, freebind=self._freebind)
+            port = sock.getsockname()[1]  # port 0 (tests): every address on the one chosen
+            await web.SockSite(self._runner, sock).start()
 
     @property
     def port(self) -> int:
         assert self._runner is not None
         server = self._runner.addresses[0]
         return int(server[1])
+
+    @property
+    def addresses(self) -> list[str]:
+        """The addresses it listens on."""
+        assert self._runner is not None
+        return [str(a[0]) for a in self._runner.addresses]
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -86,6 +107,13 @@ class MeshServer:
     @web.middleware
     async def _identify(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         address = request.remote or ""
+        if self._overlay is not None and not _inside(address, self._overlay):
+            # Not through a tunnel: nothing vouches for this source address.
+            self.counters["underlay_refused"] += 1
+            if address not in self._warned and len(self._warned) < _MAX_WARNED:
+                self._warned.add(address)
+                log.warning("mesh request from %s outside the overlay refused (403)", address)
+            raise web.HTTPForbidden(text="mesh requests only through the VPN\n")
         peer = self.registry.by_address(address)
         if peer is None:
             self.counters["forbidden"] += 1
@@ -184,6 +212,33 @@ class MeshServer:
         self.counters["chunks_served"] += 1
         header = protocol.encode_frame_header(protocol.OK, codec, raw_size, len(payload))
         return header + payload
+
+
+def _listening_socket(address: str, port: int, *, freebind: bool) -> socket.socket:
+    """A listening TCP socket on address:port. `freebind` (tunnel addresses): bound even
+    while the address is being (re)configured; it serves once the address is back."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if freebind:
+            sock.setsockopt(socket.IPPROTO_IP, _IP_FREEBIND, 1)
+        sock.bind((address, port))
+        sock.listen(128)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _inside(address: str, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    """`address` is in `network` or a loopback address (local tools)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return ip.is_loopback or ip in network
 
 
 def _zstd_size(payload: bytes) -> int:

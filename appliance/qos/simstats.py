@@ -13,40 +13,16 @@ Definitions (the real measurement can use the same functions, so both sides agre
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 from typing import Any
 
-
-def percentile(ordered: Sequence[float], q: float) -> float:
-    """The q-th percentile (0-100) of sorted values, interpolating linearly."""
-    if not ordered:
-        return math.nan
-    pos = (len(ordered) - 1) * q / 100
-    low = math.floor(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+# One definition of each statistic for simulated and measured flows, so both sides agree.
+from appliance.qos.stats_flow import rfc3550_jitter, summary
 
 
 def summary_ms(values_s: Sequence[float]) -> dict[str, float | None]:
     """mean, p50, p95 and max of values in seconds, as milliseconds (None when empty)."""
-    if not values_s:
-        return {"mean": None, "p50": None, "p95": None, "max": None}
-    ordered = sorted(values_s)
-    return {
-        "mean": 1000 * math.fsum(ordered) / len(ordered),
-        "p50": 1000 * percentile(ordered, 50),
-        "p95": 1000 * percentile(ordered, 95),
-        "max": 1000 * ordered[-1],
-    }
-
-
-def rfc3550_jitter(transits_s: Sequence[float]) -> float:
-    """Interarrival jitter (RFC 3550 6.4.1) of transit times in arrival order, seconds."""
-    jitter = 0.0
-    for prev, cur in itertools.pairwise(transits_s):
-        jitter += (abs(cur - prev) - jitter) / 16
-    return jitter
+    return summary(1000 * v for v in values_s)
 
 
 class FlowRecord:
@@ -88,7 +64,7 @@ class FlowRecord:
             "loss_ratio": self.dropped / self.sent if self.sent else 0.0,
             "throughput_kbps": self.bits_in_time / duration / 1000,
             "delay_ms": summary_ms(self.delays),
-            "jitter_ms": 1000 * rfc3550_jitter(self.delays) if received > 1 else None,
+            "jitter_ms": rfc3550_jitter(1000 * d for d in self.delays),
             "ipt_ms": summary_ms(gaps),
         }
         if self.samples is not None:

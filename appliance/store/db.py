@@ -53,6 +53,8 @@ class Tables:
     # (counted in chunk_refs) so partial data is durable, servable and resumable.
     downloads: lmdb._Database  # study UID -> download record
     download_pins: lmdb._Database  # study UID -> chunk digests (dupsort)
+    # The store-and-forward queue (appliance/forward): job id -> job record (JSON).
+    fwd_jobs: lmdb._Database
 
     def all(self) -> tuple[lmdb._Database, ...]:
         return tuple(getattr(self, name) for name in self.__dataclass_fields__)

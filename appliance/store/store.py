@@ -43,8 +43,19 @@ class Store:
     def __init__(self, cfg: StoreConfig, directory: Path, *, map_size: int | None = None) -> None:
         self.cfg = cfg
         self.db = Database(directory, map_size=map_size)
-        self._writer = Writer(self.db, Limits(int(cfg.max_bytes), int(cfg.min_free_bytes)))
+        self._writer_limits = Limits(int(cfg.max_bytes), int(cfg.min_free_bytes))
+        self._writer = Writer(self.db, self._writer_limits)
         self._writer.start()
+
+    def apply(self, cfg: StoreConfig) -> list[str]:
+        """Take new settings while running: limits apply to the next commit, the codec to
+        the next instance, the timeout to the next C-STORE. Returns keys needing a restart
+        (none: kept for the same contract as the other subsystems)."""
+        # The writer reads these per transaction; int assignment is atomic under the GIL.
+        self._writer_limits.max_bytes = int(cfg.max_bytes)
+        self._writer_limits.min_free_bytes = int(cfg.min_free_bytes)
+        self.cfg = cfg
+        return []
 
     # -- writes ---------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import json
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -52,6 +53,8 @@ class DownloadState:
     instances_total: int = 0
     instances_done: list[str] = field(default_factory=list)  # SOP UIDs, in completion order
     progress: Progress | None = None
+    # Chunk bytes received per uplink (paths per uplink only), dropped paths included.
+    uplink_bytes: Counter[str] = field(default_factory=Counter)
     error: str | None = None
     finished: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -111,7 +114,13 @@ class StudyDownload:
         client: Callable[[Peer], PeerClient],
         io: Executor,
         clock: Callable[[], float] = time.monotonic,
+        path_client: Callable[[Peer, str | None], PeerClient] | None = None,
+        uplinks: Callable[[], list[str]] | None = None,
     ) -> None:
+        """`client(peer)`: for manifests and `have` queries. `uplinks()`: the uplinks usable
+        now; with it, the swarm has one path per (peer, uplink) whose chunk requests go
+        through `path_client(peer, uplink)`; without it (or while it lists none), one path
+        per peer through `client(peer)`."""
         self.study_uid = study_uid
         self.cfg = cfg
         self.store = store
@@ -132,6 +141,11 @@ class StudyDownload:
         self._sched: Scheduler | None = None
         self._failure: BaseException | None = None
         self._failing: dict[str, bool] = {}
+        self._path_client = path_client
+        self._uplinks = uplinks
+        self._holder_names: list[str] = []
+        self._path_ends: dict[str, tuple[str, str | None]] = {}  # path -> (peer, uplink)
+        self._paths_dirty = False
 
     # -- the whole download --------------------------------------------------------------
 
@@ -265,16 +279,23 @@ class StudyDownload:
         partial = []
         for peer, complete in holders:
             sched.set_peer_chunks(peer.name, None if complete else (), now)
-            sched.add_path(self._path(peer), peer.name, now)
             if not complete:
                 partial.append(peer)
+        self._holder_names = [peer.name for peer, _complete in holders]
+        self._sync_paths(now)
         await self._refresh_partial(partial)
         next_refresh = self.clock() + PARTIAL_REFRESH_S
+        next_paths = self.clock() + PARTIAL_REFRESH_S
         last_progress = (self.clock(), 0)
         while self._instances:
             if self._failure is not None:
                 raise self._failure
             now = self.clock()
+            if self._paths_dirty or now >= next_paths:
+                # On every uplink change, and now and then in case one was missed.
+                self._paths_dirty = False
+                self._sync_paths(now)
+                next_paths = now + PARTIAL_REFRESH_S
             for action in sched.actions(now):
                 self._act(action)
             progress = sched.progress(now)
@@ -309,9 +330,43 @@ class StudyDownload:
                     log.info("[%s] path %s is tried again", self._tag, name)
                 self._failing[name] = failing
 
-    def _path(self, peer: Peer) -> str:
-        # One path per peer until the network stage adds uplinks: (peer, uplink).
-        return f"{peer.name}/default"
+    def uplinks_changed(self) -> None:
+        """An uplink went down or came back: add or drop its paths at the next step."""
+        self._paths_dirty = True
+        self._wake.set()
+
+    def _paths_of(self, peer: str) -> dict[str, str | None]:
+        """The paths to `peer`: one per usable uplink, or one unbound (no uplinks known)."""
+        uplinks = self._uplinks() if self._uplinks is not None else []
+        if not uplinks:
+            return {f"{peer}/default": None}
+        return {f"{peer}@{uplink}": uplink for uplink in uplinks}
+
+    def _sync_paths(self, now: float) -> None:
+        """Make the scheduler's paths those of the usable uplinks. A dropped path's requests
+        are cancelled and their chunks re-queued at once (core: remove_path)."""
+        assert self._sched is not None
+        first = not self._path_ends
+        want: dict[str, tuple[str, str | None]] = {}
+        for peer in self._holder_names:
+            want.update((name, (peer, up)) for name, up in self._paths_of(peer).items())
+        for name in [n for n in self._path_ends if n not in want]:
+            self._sched.remove_path(name, now)
+            del self._path_ends[name]
+            self._failing.pop(name, None)
+            if self._uplinks is not None:
+                log.info("[%s] path %s left: its uplink is down", self._tag, name)
+        for name, ends in want.items():
+            if name not in self._path_ends:
+                self._sched.add_path(name, ends[0], now)
+                self._path_ends[name] = ends
+                if self._uplinks is not None and not first:
+                    log.info("[%s] path %s joined: its uplink is up", self._tag, name)
+
+    def _client(self, peer: Peer, uplink: str | None) -> PeerClient:
+        if self._path_client is None:
+            return self.client(peer)
+        return self._path_client(peer, uplink)
 
     async def _refresh_partial(self, peers: list[Peer]) -> None:
         """Ask partial holders which of the chunks we still need they hold now."""
@@ -332,14 +387,17 @@ class StudyDownload:
 
     def _act(self, action: Request | Cancel | PeerCutOff) -> None:
         if isinstance(action, Request):
-            peer = self.registry.get(action.path.split("/", 1)[0])
+            peer_name, uplink = self._path_ends.get(action.path, ("", None))
+            peer = self.registry.get(peer_name)
             if peer is None:  # revoked meanwhile: the request ends at once
                 assert self._sched is not None
                 self._sched.on_request_end(action.id, self.clock(), "peer revoked")
                 self._wake.set()
                 return
+            client = self._client(peer, uplink)
             fetch = self._fetch if action.span is None else self._fetch_span
-            self._fetches[action.id] = asyncio.create_task(fetch(action, peer))
+            task = asyncio.create_task(fetch(action, peer, client, uplink))
+            self._fetches[action.id] = task
         elif isinstance(action, Cancel):
             task = self._fetches.pop(action.id, None)
             if task is not None:
@@ -349,17 +407,16 @@ class StudyDownload:
             log.warning("[%s] peer %s sent %d corrupt chunks: not used for %.0f s",
                         self._tag, action.peer, action.strikes, left)  # fmt: skip
 
-    async def _fetch(self, req: Request, peer: Peer) -> None:
+    async def _fetch(
+        self, req: Request, peer: Peer, client: PeerClient, uplink: str | None
+    ) -> None:
         sched = self._sched
         assert sched is not None
-
-        def on_bytes(n: int) -> None:
-            sched.on_bytes(req.id, n, self.clock())
-
+        on_bytes = self._on_bytes(req, uplink)
         error: str | None = None
         frame = StreamedFrame()
         try:
-            async for fetched in self.client(peer).fetch_chunks(
+            async for fetched in client.fetch_chunks(
                 list(req.chunks), on_bytes, zstd=self.cfg.wire_compression, frame=frame
             ):
                 if fetched.chunk is not None:
@@ -382,6 +439,18 @@ class StudyDownload:
             self._salvage(frame, peer)  # after the end: the chunk is free again
         self._wake.set()
 
+    def _on_bytes(self, req: Request, uplink: str | None) -> Callable[[int], None]:
+        sched = self._sched
+        assert sched is not None
+        counts = self.state.uplink_bytes
+
+        def on_bytes(n: int) -> None:
+            sched.on_bytes(req.id, n, self.clock())
+            if uplink is not None:
+                counts[uplink] += n
+
+        return on_bytes
+
     def _salvage(self, frame: StreamedFrame, peer: Peer) -> None:
         """Keep the received start of a chunk whose stream broke: the rest comes as pieces."""
         partial = frame.prefix()
@@ -395,18 +464,18 @@ class StudyDownload:
             log.info("[%s] kept %d KiB of chunk %s from the broken stream of %s",
                      self._tag, kept // 1024, digest.hex()[:16], peer.name)  # fmt: skip
 
-    async def _fetch_span(self, req: Request, peer: Peer) -> None:
+    async def _fetch_span(
+        self, req: Request, peer: Peer, client: PeerClient, uplink: str | None
+    ) -> None:
         """A piece of a split chunk; the chunk is checked once all its pieces are here."""
         sched = self._sched
         assert sched is not None and req.span is not None
         digest = req.chunks[0]
-
-        def on_bytes(n: int) -> None:
-            sched.on_bytes(req.id, n, self.clock())
+        on_bytes = self._on_bytes(req, uplink)
 
         error: str | None = None
         try:
-            piece = await self.client(peer).fetch_span(
+            piece = await client.fetch_span(
                 digest, req.span, on_bytes, zstd=self.cfg.wire_compression
             )
             if piece is not None:

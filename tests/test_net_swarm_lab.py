@@ -1,0 +1,206 @@
+"""Bonded uplinks end to end: a clinic gateway with 3 ADSL-like lines fetches a study from 3
+peer sites through its own wireguard-go tunnels, one swarm path per (peer, uplink).
+
+Rates are ADSL x10 (LAB.md): each clinic line downloads at 8 Mbit/s (tbf on the ISP side,
+200 ms buffer), data ~x10 too (30 MB studies). The sites' lines are not shaped: the clinic's
+three lines are the bottleneck. Chunks travel raw (wire compression off, netswarmkit.py), so
+the yardstick is exact:
+
+    T_ideal = payload x 8 / (lines x 0.917 x 8 Mbit/s)      (0.917: TCP through WireGuard)
+
+asserted as  T <= BOUND x T_ideal + STARTUP_S.  Bytes per uplink are read from the clinic's
+interfaces (`ip -json -s link`), not from our code.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from lab import leftovers
+from netlab import uapi_sockets
+from netswarmkit import (
+    LINE_BPS,
+    MESH_PORT,
+    WG_GOODPUT,
+    BondedClinic,
+    FetchRun,
+    clinic_overlay,
+    when_received,
+)
+from studygen import StudyInfo, generate_study
+
+pytestmark = [
+    pytest.mark.lab,
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
+    pytest.mark.skipif(shutil.which("wireguard-go") is None, reason="needs wireguard-go"),
+]
+
+STUDY_BYTES = 30_000_000
+LINES = 3
+BOUND = 1.25
+# What a 10 s transfer cannot amortize: `dicomesh fetch` starting (~0.3 s), the tunnels'
+# first handshakes, and each of the 9 paths' first one-chunk request before its rate is known.
+STARTUP_S = 1.5
+CUT_AT = 0.30  # share of the payload received when uplink 1 is cut
+# A silent cut is noticed by the swarm's stall timer (2 s) or the uplink's health (3 x 0.5 s
+# + the probe in flight), whichever first: the chunks in flight on the line then move.
+DETECT_S = 2.5
+# Each line must carry at least this share of what the clinic received (ideal: 1/3).
+MIN_SHARE = 0.25
+FETCH_TIMEOUT = 120.0
+
+
+# Observed 2026-11-22 (first lab runs): on some starts the FIRST fetch after the gateways came
+# up got every byte over line 1 although the paths on lines 2 and 3 existed and were bound
+# (34 MB on adsl1, 0 on adsl2/3, x3.08 of the ideal); on another start the same test spread
+# the bytes evenly (12.5/11.3/11.3 MB, x1.165). After a cut of line 1 the paths on lines 2/3
+# stalled for a while too (45 s instead of ~15 s; content still verified), and after the
+# restore the three lines were used evenly (x1.23). Suspected: at start-up the sites pin the
+# endpoints of the clinic's 2nd/3rd tunnel keys to line 1 (a tunnel's first packets leaving
+# before its fwmark applies, then WireGuard roaming). Open: appliance/net, not the swarm.
+UNDER_INVESTIGATION = pytest.mark.xfail(
+    strict=False, reason="tunnel endpoints of lines 2/3 sometimes pinned to line 1 (open)"
+)
+
+
+def ideal(payload: int, lines: float) -> float:
+    return payload * 8 / (lines * WG_GOODPUT * LINE_BPS)
+
+
+def ideal_after_cut(payload: int) -> float:
+    return ideal(CUT_AT * payload, LINES) + ideal((1 - CUT_AT) * payload, LINES - 1)
+
+
+@pytest.fixture(scope="module")
+def bonded(tmp_path_factory) -> Iterator[tuple[BondedClinic, dict[str, StudyInfo]]]:
+    """The clinic and 3 sites, each site holding studies "a", "b" and "c"."""
+    root = tmp_path_factory.mktemp("bonded")
+    studies: dict[str, StudyInfo] = {}
+    for n, name in enumerate("abc"):
+        directory = root / f"study-{name}"
+        directory.mkdir()
+        size = STUDY_BYTES if name != "c" else STUDY_BYTES // 3
+        studies[name] = generate_study(directory, target_bytes=size, seed=400 + n)
+    with BondedClinic(root / "gw") as b:
+        prefix = b.lab.prefix
+        for name in studies:
+            b.store(root / f"study-{name}")
+        for info in studies.values():
+            b.wait_held(info.study_uid, len(info.paths))
+        yield b, studies
+    assert leftovers(prefix) == [] and uapi_sockets(prefix) == []
+
+
+def _fetched(b: BondedClinic, info: StudyInfo, run: FetchRun, outdir: Path) -> None:
+    assert b.clinic is not None
+    assert run.returncode == 0, run.output[-1000:] + b.clinic.log()[-4000:]
+    outdir.mkdir()
+    assert b.mismatches(info.paths, outdir) == []
+
+
+def _line(what: str, run: FetchRun, payload: int, yardstick: float) -> str:
+    rx = ", ".join(f"adsl{i} {r / 1e6:.1f} MB" for i, r in enumerate(run.rx, start=1))
+    return (
+        f"{what}: {payload / 1e6:.1f} MB in {run.seconds:.2f} s, ideal {yardstick:.2f} s "
+        f"(x{run.seconds / yardstick:.3f}); received {rx}"
+    )
+
+
+def test_mesh_serves_only_through_the_tunnels(bonded) -> None:
+    """Underlay: nothing listens on the clinic's line addresses; a packet routed to its
+    overlay address over a line (not through a tunnel) is refused whoever sends it."""
+    b, _ = bonded
+    lab = b.lab
+    site_ns = lab.site_lines[0].ns
+    probe = (
+        "import http.client, sys\n"
+        "c = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=5)\n"
+        "try:\n"
+        "    c.request('GET', '/mesh/v1/hello'); r = c.getresponse()\n"
+        "    print(r.status, r.read().decode().strip())\n"
+        "except OSError as e:\n"
+        "    print('error', type(e).__name__)\n"
+    )
+
+    def ask(ns: str, addr: str) -> str:
+        done = subprocess.run(
+            ["ip", "netns", "exec", ns, "python3", "-c", probe, addr, str(MESH_PORT)],
+            capture_output=True, text=True, timeout=15,
+        )  # fmt: skip
+        return done.stdout.strip()
+
+    for line in lab.lines:
+        assert ask(site_ns, line.addr) == "error ConnectionRefusedError"
+    # The ISP's router routes the overlay to the clinic's first line: plain underlay.
+    subprocess.run(
+        ["ip", "-n", lab.inet, "route", "add", "10.90.1.0/24", "via", lab.lines[0].addr],
+        check=True,
+    )
+    try:
+        assert ask(lab.inet, clinic_overlay(1)) == "403 mesh requests only through the VPN"
+    finally:
+        subprocess.run(["ip", "-n", lab.inet, "route", "del", "10.90.1.0/24"], check=True)
+
+
+@UNDER_INVESTIGATION
+def test_three_uplinks_are_all_used_at_line_rate(bonded, tmp_path) -> None:
+    b, studies = bonded
+    info = studies["a"]
+    run = b.fetch(info.study_uid, FETCH_TIMEOUT)
+    _fetched(b, info, run, tmp_path / "got")
+    yardstick = ideal(info.total_bytes, LINES)
+    line = _line("3 uplinks", run, info.total_bytes, yardstick)
+    print("\n" + line)
+    assert all(r >= MIN_SHARE * run.rx_total for r in run.rx), line
+    assert run.rx_total >= info.total_bytes, line  # the payload came over the lines
+    assert run.seconds <= BOUND * yardstick + STARTUP_S, line
+
+
+@UNDER_INVESTIGATION
+def test_a_cut_uplink_leaves_and_the_transfer_completes_over_the_others(bonded, tmp_path) -> None:
+    b, studies = bonded
+    info = studies["b"]
+    lab = b.lab
+    at_cut: list[int] = []
+
+    def cut() -> None:
+        lab.cut(1)
+        at_cut.extend(b.rx_bytes())
+
+    try:
+        with when_received(b, int(CUT_AT * info.total_bytes), cut) as fired:
+            run = b.fetch(info.study_uid, FETCH_TIMEOUT)
+        assert fired, "the fetch ended before the cut"
+        after = [end - cut_rx for end, cut_rx in zip(b.rx_bytes(), at_cut, strict=True)]
+        _fetched(b, info, run, tmp_path / "got")
+        log = b.clinic.log() if b.clinic else ""
+    finally:
+        lab.restore(1)
+    yardstick = ideal_after_cut(info.total_bytes)
+    line = _line(f"uplink 1 cut at {fired[0]:.2f} s", run, info.total_bytes, yardstick)
+    line += f"; after the cut: {', '.join(f'{a / 1e6:.1f} MB' for a in after)}"
+    print("\n" + line)
+    # The cut line carries nothing more than what its ISP-side tbf queue (200 ms) held.
+    assert after[0] < 300_000, line
+    assert min(after[1:]) >= 0.3 * (1 - CUT_AT) * info.total_bytes, line
+    assert "uplink adsl1: " in log and "-> down" in log, log[-3000:]
+    assert "@adsl1 left: its uplink is down" in log, log[-3000:]
+    assert run.seconds <= BOUND * yardstick + STARTUP_S + DETECT_S, line
+
+
+@UNDER_INVESTIGATION
+def test_a_restored_uplink_carries_paths_again(bonded, tmp_path) -> None:
+    b, studies = bonded
+    info = studies["c"]
+    assert b.wait_usable("adsl1", timeout=15), "adsl1 never came back"
+    run = b.fetch(info.study_uid, FETCH_TIMEOUT)
+    _fetched(b, info, run, tmp_path / "got")
+    line = _line("after restore", run, info.total_bytes, ideal(info.total_bytes, LINES))
+    print("\n" + line)
+    assert all(r >= MIN_SHARE * run.rx_total for r in run.rx), line
