@@ -23,6 +23,12 @@ from appliance import __version__
 from appliance.config import Config
 from appliance.control import ControlServer
 from appliance.dicom.scp import DicomNodeServer
+from appliance.firmware.board import Hardware
+from appliance.firmware.led import Event as LedEvent
+from appliance.firmware.led import StatusLed
+from appliance.forward.control import forward_routes
+from appliance.forward.forwarder import Forwarder
+from appliance.forward.sender import dicom_destinations
 from appliance.mesh.node import MeshNode
 from appliance.mesh.peers import PEERS_FILE, PeerRegistry
 from appliance.mesh.remote import RemoteReader
@@ -30,6 +36,7 @@ from appliance.mesh.swarm.download import DownloadState
 from appliance.mesh.uplinks import MeshNetwork
 from appliance.net.binding import UplinkBinding, tcp_connector
 from appliance.net.errors import NetError
+from appliance.net.health import Health
 from appliance.net.manager import NetworkManager
 from appliance.qos.probe import ProbeResponder
 from appliance.sdnotify import Notifier
@@ -84,6 +91,7 @@ class Gateway:
         self.dicom: DicomNodeServer | None = None
         self.probe: ProbeResponder | None = None
         self.net: NetworkManager | None = None
+        self.forwarder: Forwarder | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -99,7 +107,12 @@ class Gateway:
         elif self.cfg.net.uplinks:
             self.net = await _start_network(self.cfg, state)
         self.store = await loop.run_in_executor(None, Store, self.cfg.store, state / "store")
+        # Before the DICOM node: its jobs are written in each stored instance's commit.
+        self.forwarder = Forwarder(self.store, self.cfg.forward, dicom_destinations(self.cfg.dicom))
+        self.forwarder.attach()
+        await loop.run_in_executor(None, self.forwarder.start)
         self.control = ControlServer(state)
+        self.control.add_routes(forward_routes(self.forwarder))
         if self.net is not None:
             self.control.add_routes(self.net.control_routes)
         access = None
@@ -128,6 +141,9 @@ class Gateway:
         if self.control is not None:
             await self.control.stop()
             self.control = None
+        if self.forwarder is not None:
+            await loop.run_in_executor(None, self.forwarder.stop)
+            self.forwarder = None
         if self.probe is not None:
             await self.probe.stop()
             self.probe = None
@@ -207,10 +223,21 @@ async def _start_network(cfg: Config, state: Path) -> NetworkManager | None:
 
 
 async def serve(
-    cfg: Config, notifier: Notifier | None = None, config_path: Path | None = None
+    cfg: Config,
+    notifier: Notifier | None = None,
+    config_path: Path | None = None,
+    hardware: Hardware | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
     notifier = notifier or Notifier.from_env()
+    led = StatusLed(hardware.led if hardware is not None else None)  # booting
+    if hardware is not None:
+        log.info(
+            "board: %s (%s); its defaults under the config: %s",
+            hardware.profile.name if hardware.profile else "no profile",
+            hardware.identified_by,
+            ", ".join(_dotted(hardware.config_defaults())) or "none",
+        )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -220,6 +247,7 @@ async def serve(
         await gateway.start()
     except (OSError, StoreError) as exc:
         log.error("cannot start: %s", exc)
+        led.on(LedEvent.FATAL)
         await gateway.stop()
         return 1
     assert gateway.dicom is not None
@@ -231,7 +259,11 @@ async def serve(
         where,
         Path(cfg.state_dir).resolve(),
     )
+    led.on(LedEvent.READY)  # before READY=1: whoever waits for it sees the LED already on
     notifier.ready(f"DICOM {cfg.dicom.ae_title.strip()} on {where}")
+    if gateway.net is not None:
+        gateway.net.subscribe(lambda _change: _show_uplinks(led, gateway.net))
+        _show_uplinks(led, gateway.net)
     watchdog = None
     if notifier.watchdog_interval:
         watchdog = asyncio.create_task(_watchdog(gateway, notifier, notifier.watchdog_interval))
@@ -243,6 +275,26 @@ async def serve(
     await gateway.stop()
     log.info("stopped")
     return 0
+
+
+def _dotted(table: dict, prefix: str = "") -> list[str]:
+    """Nested tables as sorted "a.b=value" items (for one log line)."""
+    out: list[str] = []
+    for key, value in sorted(table.items()):
+        if isinstance(value, dict):
+            out += _dotted(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={value}")
+    return out
+
+
+def _show_uplinks(led: StatusLed, net: NetworkManager | None) -> None:
+    """Slow blink while any uplink is down or degraded; heartbeat when all are up again."""
+    if net is None:
+        return
+    healths = [net.health(up.name) for up in net.cfg.uplinks]
+    bad = any(h in (Health.DOWN, Health.DEGRADED) for h in healths)
+    led.on(LedEvent.UPLINK_DEGRADED if bad else LedEvent.UPLINKS_OK)
 
 
 async def _watchdog(gateway: Gateway, notifier: Notifier, interval: float) -> None:
@@ -258,5 +310,5 @@ async def _watchdog(gateway: Gateway, notifier: Notifier, interval: float) -> No
             )
 
 
-def run(cfg: Config, config_path: Path | None = None) -> int:
-    return uvloop.run(serve(cfg, config_path=config_path))
+def run(cfg: Config, config_path: Path | None = None, hardware: Hardware | None = None) -> int:
+    return uvloop.run(serve(cfg, config_path=config_path, hardware=hardware))

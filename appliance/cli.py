@@ -75,7 +75,13 @@ def main(argv: list[str] | None = None) -> int:
 
     net_handlers = net_cli.add_parser(sub, lambda a: load_config(a.config, _overrides(a)))
 
+    from appliance.forward import cli as forward_cli
+
+    forward_cli.add_parser(sub)
+
     args = parser.parse_args(argv)
+    if args.command == "forward":
+        return forward_cli.run(args, lambda a: load_config(a.config, _overrides(a)))
     if args.command == "qos":
         return qos_cli.run(qos_handlers, args)
     if args.command == "net":
@@ -111,8 +117,10 @@ def _run(args: argparse.Namespace) -> int:
     if path is None:
         in_state = Path(load_config(None, _overrides(args)).state_dir) / CONFIG_IN_STATE_DIR
         path = in_state if in_state.exists() else None
+    hardware = _detect_board()
+    defaults = hardware.config_defaults() if hardware is not None else None
     try:
-        cfg = load_config(path, _overrides(args))
+        cfg = load_config(path, _overrides(args), defaults)
     except ConfigError as exc:
         print(f"dicomesh: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
@@ -120,7 +128,25 @@ def _run(args: argparse.Namespace) -> int:
     from appliance import app, logs
 
     logs.setup(cfg.log.level)
-    return app.run(cfg, config_path=args.config or Path(cfg.state_dir) / CONFIG_IN_STATE_DIR)
+    return app.run(
+        cfg,
+        config_path=args.config or Path(cfg.state_dir) / CONFIG_IN_STATE_DIR,
+        hardware=hardware,
+    )
+
+
+def _detect_board() -> Any:
+    """This machine's board profile and LED (appliance.firmware.board.Hardware), or None.
+    DICOMESH_HW_ROOT points detection at another root (a sample /sys tree in tests)."""
+    import os
+
+    from appliance.firmware import FirmwareError, board
+
+    try:
+        return board.detect(Path(os.environ.get("DICOMESH_HW_ROOT", "/")))
+    except FirmwareError as exc:
+        print(f"dicomesh: board profiles unusable, running without: {exc}", file=sys.stderr)
+        return None
 
 
 def _config_check(path: Path) -> int:

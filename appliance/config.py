@@ -13,6 +13,10 @@ Keys (each subsystem owns its section's schema; see `schema.describe(Config)` fo
     port = 11113
     [store]
     max_bytes = 0                # 0 = no limit besides the disk
+    [[forward.rules]]            # store-and-forward: what arrives by C-STORE and matches
+    name = "ct-to-ws1"
+    destinations = ["WS1"]       # AE titles of [[dicom.nodes]]
+    modality = ["CT"]
 
 Overrides (e.g. from the command line) use dotted keys ("dicom.port") and are merged over
 the file before validation, so they are checked like everything else.
@@ -30,6 +34,7 @@ from typing import Any, Literal
 import tomli_w
 
 from appliance.dicom.config import DicomConfig
+from appliance.forward.config import ForwardConfig, check_destinations
 from appliance.mesh.config import MeshConfig
 from appliance.net.config import NetConfig
 from appliance.qos.config import QosConfig
@@ -61,6 +66,13 @@ class Config:
     net: NetConfig = setting(default_factory=NetConfig, doc="uplinks, routing and WireGuard")
     qos: QosConfig = setting(default_factory=QosConfig, doc="the QoS probe responder")
     web: WebConfig = setting(default_factory=WebConfig, doc="the local admin page")
+    forward: ForwardConfig = setting(
+        default_factory=ForwardConfig, doc="store-and-forward rules and retry schedule"
+    )
+
+    def validate(self) -> list[tuple[str, str]]:
+        """Rules across sections: forwarding destinations must be known DICOM nodes."""
+        return check_destinations(self.forward, [n.ae_title for n in self.dicom.nodes])
 
 
 def _apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> None:

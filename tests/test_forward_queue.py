@@ -13,11 +13,12 @@ from forward_kit import destination, free_port, instance, received, wait_until
 from appliance.dicom.config import DicomConfig, DicomNode
 from appliance.forward.config import ForwardConfig, ForwardRule
 from appliance.forward.core import InvalidTransition, State
-from appliance.forward.forwarder import Forwarder, stored_instance
+from appliance.forward.forwarder import Forwarder
 from appliance.forward.sender import dicom_destinations
 from appliance.store import Store
 from appliance.store.config import StoreConfig
-from appliance.store.index import WriteOps
+from appliance.store.errors import StoreError
+from appliance.store.index import PutOutcome, WriteOps
 
 FAST = dict(backoff_base_s=0.2, backoff_max_s=1.0, poll_s=0.05, quiet_period_s=0.5)
 
@@ -53,6 +54,7 @@ def make(store: Store, port: int) -> Iterator[Callable[..., Forwarder]]:
     def factory(rules: list[ForwardRule], **kw: object) -> Forwarder:
         cfg = ForwardConfig(rules=rules, **{**FAST, **kw})  # type: ignore[arg-type]
         fw = Forwarder(store, cfg, dicom_destinations(dicom_cfg(port)))
+        fw.attach()
         fw.start()
         made.append(fw)
         return fw
@@ -63,10 +65,10 @@ def make(store: Store, port: int) -> Iterator[Callable[..., Forwarder]]:
 
 
 def ingest(store: Store, fw: Forwarder, study: str, **kw: str) -> str:
-    """What the C-STORE handler does: durable commit, then on_stored."""
+    """What the C-STORE handler does: one durable commit (the forwarder's hook queues the
+    jobs in it)."""
     _raw, inc = instance(study, **kw)
     store.put_instance(inc)
-    fw.on_stored(stored_instance(inc))
     return inc.manifest.sop_instance_uid
 
 
@@ -160,18 +162,33 @@ def test_study_waits_for_quiet_period(store: Store, make, port: int, tmp_path: P
     assert len(fw.jobs()) == 1
 
 
-def test_jobs_can_share_the_instance_commit(store: Store, make, port: int, tmp_path: Path):
-    """The put-hook form: instance and its jobs in one durable transaction."""
+def test_jobs_are_durable_with_the_instance(store: Store, make, port: int, tmp_path: Path):
+    """The instance and its jobs share one commit: once put_instance returns (the C-STORE
+    answer), the jobs are on disk, and a re-send queues nothing twice."""
     out = tmp_path / "rx"
-    fw = make([ForwardRule("all", ["DEST"])])
+    fw = make([ForwardRule("all", ["DEST"])], poll_s=30.0)
     _raw, inc = instance("1.2.826.0.6")
-
-    def both(ops: WriteOps) -> None:
-        ops.put_instance(inc)
-        fw.enqueue_ops(ops, stored_instance(inc))
-
-    store.submit_write(both).result(10)
-    assert [j.sop_instance_uid for j in fw.jobs()] == [inc.manifest.sop_instance_uid]
     with destination(port, out):
+        assert store.put_instance(inc) is not PutOutcome.DUPLICATE
+        assert [j.sop_instance_uid for j in fw.jobs()] == [inc.manifest.sop_instance_uid]
+        # Poll is 30 s: only the commit listener's wake-up can make this in time.
         wait_until(lambda: states(fw) == [State.DONE], 20, "done")
     assert received(out) == [inc.manifest.sop_instance_uid]
+    assert store.put_instance(inc) is PutOutcome.DUPLICATE
+    assert len(fw.jobs()) == 1
+
+
+def test_a_failing_hook_refuses_the_instance(store: Store, make) -> None:
+    """Nothing is acknowledged whose jobs could not be written."""
+    fw = make([ForwardRule("all", ["DEST"])])
+
+    def broken(ops: WriteOps, inc: object) -> None:
+        raise RuntimeError("disk said no")
+
+    store.add_instance_hook(broken)
+    _raw, inc = instance("1.2.826.0.7")
+    with pytest.raises(StoreError):
+        store.put_instance(inc)
+    assert fw.jobs() == []
+    with store.reader() as r:
+        assert r.instance(inc.manifest.sop_instance_uid) is None

@@ -24,8 +24,8 @@ from appliance.store.config import StoreConfig
 N = 12
 RULES = [ForwardRule("all", ["DEST"])]
 
-# The gateway side in a child process: ingests N instances (commit, then on_stored), waits
-# until their jobs are durable, writes the UIDs, then keeps forwarding until killed.
+# The gateway side in a child process: ingests N instances (jobs queued in each instance's
+# commit), waits until their jobs are durable, writes the UIDs, then keeps forwarding until killed.
 _CHILD = textwrap.dedent(
     """
     import sys, time
@@ -34,7 +34,7 @@ _CHILD = textwrap.dedent(
     from forward_kit import instance
     from test_forward_queue import FAST, dicom_cfg
     from appliance.forward.config import ForwardConfig, ForwardRule
-    from appliance.forward.forwarder import Forwarder, stored_instance
+    from appliance.forward.forwarder import Forwarder
     from appliance.forward.sender import dicom_destinations
     from appliance.store import Store
     from appliance.store.config import StoreConfig
@@ -42,12 +42,12 @@ _CHILD = textwrap.dedent(
     store = Store(StoreConfig(min_free_bytes=0), store_dir)
     cfg = ForwardConfig(rules=[ForwardRule("all", ["DEST"])], **FAST)
     fw = Forwarder(store, cfg, dicom_destinations(dicom_cfg(port)))
+    fw.attach()
     fw.start()
     uids = []
     for _ in range(n):
         _raw, inc = instance("1.2.826.0.9")
         store.put_instance(inc)
-        fw.on_stored(stored_instance(inc))
         uids.append(inc.manifest.sop_instance_uid)
     for _ in range(400):
         if len(fw.jobs()) == n:

@@ -24,6 +24,7 @@ from appliance.forward.queue import JobQueue, restart_running
 from appliance.forward.sender import Destination, Outcome
 from appliance.store import Store
 from appliance.store.index import WriteOps
+from appliance.store.records import IncomingInstance
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,21 @@ class Forwarder:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._thread: threading.Thread | None = None
 
-    # -- called by the DICOM node ------------------------------------------------------------
+    # -- fed by the store ---------------------------------------------------------------------
+
+    def attach(self) -> None:
+        """Queue jobs inside each stored instance's own write transaction: the C-STORE is
+        acknowledged only once its jobs are durable too, so a crash between the two cannot
+        lose a job. The commit listener wakes the scheduler for them."""
+        self.store.add_instance_hook(self._enqueue_hook)
+        self.store.add_commit_listener(lambda _studies: self._wake.set())
+
+    def _enqueue_hook(self, ops: WriteOps, inc: IncomingInstance) -> None:
+        self.enqueue_ops(ops, stored_instance(inc))
 
     def on_stored(self, inst: StoredInstance) -> None:
-        """An instance is durable: queue its jobs. Never blocks, never raises (the C-STORE
-        answer does not depend on forwarding)."""
+        """Queue the jobs of an instance already durable in its own commit (instances that
+        did not come through the hook, e.g. imported). Never blocks, never raises."""
         try:
             rules = [r for r in self.cfg.rules if rule_matches(r, inst)]
             if not rules:
@@ -69,8 +80,7 @@ class Forwarder:
             log.exception("forward: instance %s not queued", inst.sop_instance_uid)
 
     def enqueue_ops(self, ops: WriteOps, inst: StoredInstance) -> None:
-        """Queue jobs in the instance's own write transaction (a store put hook): then a
-        crash between the C-STORE's commit and the queue's cannot lose a job."""
+        """Queue jobs inside an open write transaction."""
         rules = [r for r in self.cfg.rules if rule_matches(r, inst)]
         if rules:
             self.queue.enqueue_ops(ops, inst, rules, self.clock())
@@ -188,7 +198,7 @@ class Forwarder:
             self._wake.set()
 
 
-def stored_instance(inc: Any) -> StoredInstance:
+def stored_instance(inc: IncomingInstance) -> StoredInstance:
     """From the store's IncomingInstance (what the C-STORE handler committed)."""
     attrs: dict[str, Any] = {}
     for level in (inc.attrs.study, inc.attrs.series, inc.attrs.instance):

@@ -22,6 +22,9 @@ from appliance.store.writer import Limits, SpaceBudget, Writer
 
 log = logging.getLogger(__name__)
 
+# Follow-up work written in a stored instance's own transaction (e.g. forwarding jobs).
+InstanceHook = Callable[[WriteOps, IncomingInstance], None]
+
 
 @dataclass(frozen=True)
 class StoreStats:
@@ -45,6 +48,7 @@ class Store:
         self.db = Database(directory, map_size=map_size)
         self._writer_limits = Limits(int(cfg.max_bytes), int(cfg.min_free_bytes))
         self._writer = Writer(self.db, self._writer_limits)
+        self._instance_hooks: list[InstanceHook] = []
         self._writer.start()
 
     def apply(self, cfg: StoreConfig) -> list[str]:
@@ -67,7 +71,12 @@ class Store:
             if ops.is_duplicate(inc):
                 return PutOutcome.DUPLICATE
             budget.claim(ops.space_need(inc))
-            return ops.put_instance(inc)
+            outcome = ops.put_instance(inc)
+            # Same nested transaction: a hook's failure refuses the instance (the modality
+            # retries) rather than acknowledging an instance whose follow-up work is lost.
+            for hook in self._instance_hooks:
+                hook(ops, inc)
+            return outcome
 
         return self._writer.submit(apply, weight=inc.manifest.size, studies=(inc.study_uid,))
 
@@ -126,6 +135,12 @@ class Store:
         ops.txn / ops.t) for the next durable commit; the future gets its result. It claims no
         quota (callers bound their own sizes) and announces nothing to commit listeners."""
         return self._writer.submit(lambda ops, _budget: fn(ops))
+
+    def add_instance_hook(self, hook: InstanceHook) -> None:
+        """Run `hook(ops, inc)` inside the write transaction of every newly stored (not
+        duplicate) instance: what it writes is durable exactly when the instance is.
+        Register before instances arrive; runs on the writer thread."""
+        self._instance_hooks.append(hook)
 
     def add_commit_listener(self, listener: Callable[[set[str]], None]) -> None:
         """Call `listener(study UIDs)` on the writer thread after commits that changed them."""
