@@ -23,6 +23,8 @@ from appliance import __version__
 from appliance.config import Config
 from appliance.control import ControlServer
 from appliance.dicom.scp import DicomNodeServer
+from appliance.evict.control import evict_routes
+from appliance.evict.evictor import Evictor
 from appliance.firmware.board import Hardware
 from appliance.firmware.led import Event as LedEvent
 from appliance.firmware.led import StatusLed
@@ -92,6 +94,7 @@ class Gateway:
         self.probe: ProbeResponder | None = None
         self.net: NetworkManager | None = None
         self.forwarder: Forwarder | None = None
+        self.evictor: Evictor | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -124,6 +127,12 @@ class Gateway:
             access = _DicomMeshAccess(self.mesh, self.cfg.mesh.list_remote_studies)
         if self.cfg.qos.enabled:
             self.probe = await _start_probe(self.cfg, state, self.mesh)
+        # After the mesh: an eviction is announced in its catalog.
+        self.evictor = Evictor(
+            self.cfg.evict, self.store, self.mesh.catalog if self.mesh is not None else None
+        )
+        await self.evictor.start()
+        self.control.add_routes(evict_routes(self.evictor))
         await self.control.start()
         self.dicom = DicomNodeServer(self.cfg.dicom, self.store, access)
         await loop.run_in_executor(None, self.dicom.start)
@@ -141,6 +150,9 @@ class Gateway:
         if self.control is not None:
             await self.control.stop()
             self.control = None
+        if self.evictor is not None:
+            await self.evictor.stop()
+            self.evictor = None
         if self.forwarder is not None:
             await loop.run_in_executor(None, self.forwarder.stop)
             self.forwarder = None

@@ -79,9 +79,15 @@ def main(argv: list[str] | None = None) -> int:
 
     forward_cli.add_parser(sub)
 
+    from appliance.evict import cli as evict_cli
+
+    evict_cli.add_parser(sub)
+
     args = parser.parse_args(argv)
     if args.command == "forward":
         return forward_cli.run(args, lambda a: load_config(a.config, _overrides(a)))
+    if args.command == "evict":
+        return evict_cli.run(args, lambda a: load_config(a.config, _overrides(a)))
     if args.command == "qos":
         return qos_cli.run(qos_handlers, args)
     if args.command == "net":

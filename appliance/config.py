@@ -34,6 +34,7 @@ from typing import Any, Literal
 import tomli_w
 
 from appliance.dicom.config import DicomConfig
+from appliance.evict.config import EvictConfig, check_limits
 from appliance.forward.config import ForwardConfig, check_destinations
 from appliance.mesh.config import MeshConfig
 from appliance.net.config import NetConfig
@@ -69,10 +70,14 @@ class Config:
     forward: ForwardConfig = setting(
         default_factory=ForwardConfig, doc="store-and-forward rules and retry schedule"
     )
+    evict: EvictConfig = setting(default_factory=EvictConfig, doc="cache eviction (replicas)")
 
     def validate(self) -> list[tuple[str, str]]:
-        """Rules across sections: forwarding destinations must be known DICOM nodes."""
-        return check_destinations(self.forward, [n.ae_title for n in self.dicom.nodes])
+        """Rules across sections: forwarding destinations must be known DICOM nodes; the
+        eviction limits must fit the store's."""
+        return check_destinations(self.forward, [n.ae_title for n in self.dicom.nodes]) + (
+            check_limits(self.evict, self.store)
+        )
 
 
 def _apply_overrides(data: dict[str, Any], overrides: Mapping[str, Any]) -> None:

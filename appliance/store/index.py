@@ -186,6 +186,31 @@ class WriteOps:
             self.txn.put(patient.key.encode(), patient.encode(), db=self.t.patients)
         return rec.size
 
+    def delete_study(self, study_uid: str, expect: UsageRecord | None = None) -> int | None:
+        """Remove a study and every chunk only it referenced (chunks other studies or
+        downloads still reference stay); returns the bytes of its instances (0 if absent).
+        With `expect`, nothing is deleted and None returned when the study's usage record
+        differs (it was stored to or retrieved since the caller looked), or when a swarm
+        download of it is in progress: the deletion is a compare-and-delete."""
+        key = study_uid.encode()
+        if self.txn.get(key, db=self.t.studies) is None:
+            return 0
+        if expect is not None:
+            raw = self.txn.get(key, db=self.t.usage)
+            if raw is None or UsageRecord.decode(raw) != expect:
+                return None
+            if self.txn.get(key, db=self.t.downloads) is not None:
+                return None
+        sops: list[str] = []
+        cur = self.txn.cursor(db=self.t.study_series)
+        series = [bytes(v).decode() for v in cur.iternext_dup()] if cur.set_key(key) else []
+        for series_uid in series:
+            cur = self.txn.cursor(db=self.t.series_instances)
+            if cur.set_key(series_uid.encode()):
+                sops.extend(bytes(v).decode() for v in cur.iternext_dup())
+        # The last delete_instance drops the study, its usage and an orphaned patient.
+        return sum(self.delete_instance(sop) for sop in sops)
+
     def touch_accessed(self, study_uid: str, when: float) -> None:
         raw = self.txn.get(study_uid.encode(), db=self.t.usage)
         if raw is None:

@@ -17,7 +17,7 @@ from appliance.store.config import StoreConfig
 from appliance.store.db import Database
 from appliance.store.errors import CommitTimeout, StoreClosed
 from appliance.store.index import PutOutcome, Reader, SpaceNeed, WriteOps
-from appliance.store.records import IncomingInstance
+from appliance.store.records import IncomingInstance, UsageRecord
 from appliance.store.writer import Limits, SpaceBudget, Writer
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,24 @@ class Store:
 
         fut = self._writer.submit(apply)
         fut.add_done_callback(_log_background_failure)
+
+    def submit_delete_study(
+        self, study_uid: str, expect: UsageRecord | None = None
+    ) -> concurrent.futures.Future:
+        """Queue the removal of a whole study (see WriteOps.delete_study); the future gets
+        the bytes of its instances, or None when `expect` no longer matches. Commit
+        listeners hear of the study (the mesh withdraws its catalog entries)."""
+        return self._writer.submit(
+            lambda ops, _budget: ops.delete_study(study_uid, expect), studies=(study_uid,)
+        )
+
+    def delete_study(self, study_uid: str, expect: UsageRecord | None = None) -> int | None:
+        """Thread side of submit_delete_study: returns once the deletion is durable."""
+        fut = self.submit_delete_study(study_uid, expect)
+        try:
+            return fut.result(self.cfg.commit_timeout_s)
+        except concurrent.futures.TimeoutError:
+            raise CommitTimeout("durable commit did not finish in time") from None
 
     # -- swarm downloads -------------------------------------------------------------------
 
