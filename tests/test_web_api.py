@@ -27,6 +27,7 @@ from pynetdicom.sop_class import Verification
 from studygen import DEFAULT_PATIENT, SeriesInfo
 from webkit import PASSWORD, WebClient, first_sse_event
 
+from appliance import __version__
 from appliance.config import load_config
 from appliance.mesh.peers import read_peers
 from appliance.web.guard import is_public
@@ -146,7 +147,8 @@ def _routes(tmp_path: Path) -> list[tuple[str, str]]:
     """Every route of the page's app, as built by the firmware itself."""
     cfg = load_config(None, {"state_dir": str(tmp_path)})
     parts = SimpleNamespace(cfg=cfg, config_path=tmp_path / "c.toml", started_at=0.0,
-                            store=None, mesh=None, dicom=None, net=None)  # fmt: skip
+                            store=None, mesh=None, dicom=None, net=None,
+                            evictor=None)  # fmt: skip
     server = WebServer(cfg.web, parts)  # type: ignore[arg-type]
     server.logs.uninstall()
     found = []
@@ -191,6 +193,8 @@ def test_every_route_requires_a_session(admin: tuple[Gateway, WebClient], tmp_pa
         "/api/sends/s1",
         "/api/settings/store",
         "/api/settings/net",
+        "/api/settings/evict",
+        "/api/evict/plan",
         "/api/qos/simulate",
         "/api/qos/measure",
         "/api/qos/runs",
@@ -207,13 +211,14 @@ def test_dicom_settings_round_trip(admin: tuple[Gateway, WebClient]) -> None:
     settings = got["settings"]
     assert settings["ae_title"] == gw.ae_title
     settings["ae_title"] = "RENAMED"
-    settings["nodes"] = [{"ae_title": "WS1", "host": "127.0.0.1", "port": 11113}]
+    ws1 = {"ae_title": "WS1", "host": "127.0.0.1", "port": free_port()}  # nobody listens
+    settings["nodes"] = [ws1]
     put = client.request("PUT", "/api/settings/dicom", settings)
     assert put.status == 200, put
     assert put.json()["restart_needed"] == []
     on_disk = tomllib.loads(gw.config_path.read_text())
     assert on_disk["dicom"]["ae_title"] == "RENAMED"
-    assert on_disk["dicom"]["nodes"] == [{"ae_title": "WS1", "host": "127.0.0.1", "port": 11113}]
+    assert on_disk["dicom"]["nodes"] == [ws1]
     assert on_disk["mesh"]["name"] == gw.mesh_name  # other tables untouched
     # Applied without a restart: the node now answers to the new called AE title only.
     assert _echo(gw, "RENAMED") == 0x0000
@@ -222,11 +227,87 @@ def test_dicom_settings_round_trip(admin: tuple[Gateway, WebClient]) -> None:
     assert echo["ok"] and echo["status"] == "0x0000"
     unknown = client.post("/api/dicom/echo", {"ae_title": "NOBODY"})
     assert unknown.status == 404
+    # The node's C-ECHO button: a known node that does not answer is reported, not an error.
+    down = client.post("/api/dicom/echo", {"ae_title": "WS1"})
+    assert down.status == 200 and down.json()["ok"] is False and down.json()["error"]
+    # Calling AE titles apply to the next association too.
+    only = client.request("PUT", "/api/settings/dicom", {**settings, "allowed_calling": ["PACS"]})
+    assert only.status == 200, only
+    assert _echo(gw, "RENAMED") is None  # TESTSCU is not allowed any more
+    assert client.request("PUT", "/api/settings/dicom", settings).status == 200
+    assert _echo(gw, "RENAMED") == 0x0000
     # A change of port is written but needs a restart, and says so.
     settings["port"] = settings["port"] + 1
     moved = client.request("PUT", "/api/settings/dicom", settings).json()
     assert moved["restart_needed"] == ["dicom.port"]
     assert client.get("/api/status").json()["restart_needed"] == ["dicom.port"]
+    assert tomllib.loads(gw.config_path.read_text())["dicom"]["port"] == settings["port"]
+    assert _echo(gw, "RENAMED") == 0x0000  # still listening where it started
+    # Back to the port it listens on: nothing to restart for.
+    settings["port"] = settings["port"] - 1
+    back = client.request("PUT", "/api/settings/dicom", settings).json()
+    assert back["restart_needed"] == []
+
+
+def test_forwarding_follows_a_node_moved_on_the_page(
+    gateway_factory: Callable[..., Gateway], small_series: SeriesInfo, tmp_path: Path
+) -> None:
+    """A forwarding job retrying toward a dead address reaches the node once the page gives
+    the node its new port: no restart."""
+    from forward_kit import destination, received, wait_until
+
+    ws1 = {"ae_title": "WS1", "host": "127.0.0.1", "port": free_port()}
+    gw = gateway_factory(dicom={"nodes": [ws1]}, forward={
+        "rules": [{"name": "all", "destinations": ["WS1"]}],
+        "backoff_base_s": 0.2, "backoff_max_s": 0.5, "poll_s": 0.1, "max_tries": 1000,
+    })  # fmt: skip
+    client = WebClient(_base(gw))
+    assert client.setup(_setup_code(gw)).status == 200
+    assert storescu(gw.host, gw.port, gw.ae_title, small_series.paths[:1]).ok
+    port = free_port()
+    out = tmp_path / "rx"
+    with destination(port, out):
+        time.sleep(1.0)  # retrying toward the old port meanwhile
+        assert received(out) == []
+        settings = client.get("/api/settings/dicom").json()["settings"]
+        moved = client.request("PUT", "/api/settings/dicom",
+                               {**settings, "nodes": [{**ws1, "port": port}]})  # fmt: skip
+        assert moved.status == 200 and moved.json()["restart_needed"] == []
+        wait_until(lambda: received(out) == small_series.sop_uids[:1], 20, "forwarded")
+
+
+def test_settings_checked_with_the_whole_file(gateway_factory: Callable[..., Gateway]) -> None:
+    """A section that is valid alone but breaks a rule across sections (a forwarding rule's
+    destination must be a known node) is refused; nothing written, nothing applied."""
+    ws1 = {"ae_title": "WS1", "host": "127.0.0.1", "port": free_port()}
+    gw = gateway_factory(
+        dicom={"nodes": [ws1]}, forward={"rules": [{"name": "all", "destinations": ["WS1"]}]}
+    )
+    client = WebClient(_base(gw))
+    assert client.setup(_setup_code(gw)).status == 200
+    before = gw.config_path.read_text()
+    settings = client.get("/api/settings/dicom").json()["settings"]
+    dropped = client.request("PUT", "/api/settings/dicom", {**settings, "nodes": [],
+                                                            "ae_title": "GONE"})  # fmt: skip
+    assert dropped.status == 400, dropped
+    assert dropped.json()["errors"] == [
+        "forward.rules[0].destinations[0]: 'WS1' is not in [[dicom.nodes]]"
+    ]
+    assert gw.config_path.read_text() == before
+    assert _echo(gw, gw.ae_title) == 0x0000  # not applied either
+    # Written atomically: a temp file beside it, renamed over it; none is left behind.
+    renamed = client.request("PUT", "/api/settings/dicom", {**settings, "ae_title": "KEPT"})
+    assert renamed.status == 200, renamed
+    assert renamed.json()["restart_needed"] == []
+    # A node added: C-MOVE, sends and forwarding see it at once.
+    ws2 = {"ae_title": "WS2", "host": "127.0.0.1", "port": free_port()}
+    more = client.request("PUT", "/api/settings/dicom", {**settings, "ae_title": "KEPT",
+                                                         "nodes": [ws1, ws2]})  # fmt: skip
+    assert more.status == 200 and more.json()["restart_needed"] == []
+    assert load_config(gw.config_path).dicom.ae_title == "KEPT"
+    assert sorted(p.name for p in gw.config_path.parent.glob(f".{gw.config_path.name}*")) == [
+        f".{gw.config_path.name}.lock"
+    ]
 
 
 def _echo(gw: Gateway, called: str) -> int | None:
@@ -320,6 +401,7 @@ def test_search_status_logs_and_bundle_without_patient_data_in_logs(
     assert client.get("/api/studies?patient_name=NOBODY*").json()["studies"] == []
     assert client.get("/api/studies?colour=blue").status == 400
     status = client.get("/api/status").json()
+    assert status["version"] == __version__ and status["uptime_s"] >= 0
     assert status["store"]["studies"] == 1 and status["store"]["instances"] == 6
     assert status["dicom"]["counters"]["stores_ok"] == 6
     logs = client.get("/api/logs?level=info").json()["lines"]
@@ -370,6 +452,17 @@ def _wait_json(client: WebClient, path: str, done: Callable[[dict], bool], timeo
         time.sleep(0.2)
 
 
+def _send_until_finished(client: WebClient, job_id: str, timeout: float = 30) -> list[dict]:
+    """Poll send `job_id` as the page does (every 0.2 s) until it finished; every answer."""
+    seen: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        seen.append(next(s for s in client.get("/api/sends").json()["sends"] if s["id"] == job_id))
+        if seen[-1]["finished"] or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.2)
+
+
 def test_send_study_to_a_known_node(
     gateway_factory: Callable[..., Gateway], small_series: SeriesInfo, tmp_path: Path
 ) -> None:
@@ -391,16 +484,25 @@ def test_send_study_to_a_known_node(
     )
     assert client.post("/api/sends", {"study": study, "destination": "WS_DEST"},
                        csrf=False).status == 403  # fmt: skip
+    # A study neither held here nor in the catalog: the send ends at once, saying so.
+    nowhere = client.post("/api/sends", {"study": "1.2.3.4.5", "destination": "WS_DEST"})
+    assert nowhere.status == 202
+    ended = _send_until_finished(client, nowhere.json()["id"])[-1]
+    assert ended["error"] == "study not held here nor known in the mesh" and ended["total"] == 0
     with StoreSCP(tmp_path / "dest", "WS_DEST", port=dest_port) as scp:
         started = client.post("/api/sends", {"study": study, "destination": "WS_DEST"})
         assert started.status == 202, started
         job = started.json()
         assert job["study"] == study and job["destination"] == "WS_DEST"
-        done = _wait_json(client, "/api/sends",
-                          lambda j: j["sends"][0]["finished"], 30)["sends"][0]  # fmt: skip
+        seen = _send_until_finished(client, job["id"])
+        done = seen[-1]
         assert done["error"] is None, done
         assert (done["total"], done["completed"], done["failed"], done["remaining"]) == (6, 6, 0, 0)
-        assert done["bytes_sent"] > 0
+        assert done["bytes_sent"] > 0 and done["eta_s"] is None
+        # What the page polls only ever moves forward, and adds up.
+        counts = [j["completed"] for j in seen]
+        assert counts == sorted(counts)
+        assert all(j["completed"] + j["failed"] + j["remaining"] == j["total"] for j in seen)
         received = scp.files()
         assert len(received) == len(small_series.paths)
     # The stored bytes went out as received: the same SOP instances arrived.
@@ -408,16 +510,15 @@ def test_send_study_to_a_known_node(
     assert sent == {str(pydicom.dcmread(p).SOPInstanceUID) for p in small_series.paths}
     # A node that does not answer: the send ends with the reason, nothing hangs.
     down = client.post("/api/sends", {"study": study, "destination": "WS_DOWN"}).json()
-    failed = _wait_json(client, "/api/sends", lambda j: all(s["finished"] for s in j["sends"]), 30)
-    [shown] = [s for s in failed["sends"] if s["id"] == down["id"]]
+    shown = _send_until_finished(client, down["id"])[-1]
     assert shown["error"] == "no association" and shown["completed"] == 0
     status = client.get("/api/status").json()
-    assert {s["id"] for s in status["sends"]} == {job["id"], down["id"]}
+    assert [s["id"] for s in status["sends"]] == [nowhere.json()["id"], job["id"], down["id"]]
     samples = {(s.name, tuple(s.labels.items())): s.value
                for f in text_string_to_metric_families(client.get("/metrics").body.decode())
                for s in f.samples}  # fmt: skip
     assert samples[("dicomesh_dicom_sends", (("state", "done"),))] == 1
-    assert samples[("dicomesh_dicom_sends", (("state", "failed"),))] == 1
+    assert samples[("dicomesh_dicom_sends", (("state", "failed"),))] == 2
     assert client.request("DELETE", "/api/sends/nope").status == 404
     assert client.request("DELETE", f"/api/sends/{job['id']}").json()["finished"] is True
     for attr in ("PatientName", "PatientID"):
@@ -445,10 +546,53 @@ def test_storage_settings_applied_at_once(
     assert client.get("/api/status").json()["store"]["quota_bytes"] == 1000
     refused = storescu(gw.host, gw.port, gw.ae_title, small_series.paths[:1])
     assert refused.results[0][1] == 0xA700
+    shown = client.get("/api/status").json()
+    assert shown["store"]["full_reason"] and "quota" in shown["store"]["full_reason"]
+    assert any("store full" in line["message"] for line in shown["errors"])  # recent errors
     assert client.request("PUT", "/api/settings/store", {**settings, "max_bytes": 0}).status == 200
     assert storescu(gw.host, gw.port, gw.ae_title, small_series.paths[:1]).ok
     assert client.get("/api/status").json()["restart_needed"] == []
     load_config(gw.config_path)  # the file stays valid for the next start
+
+
+def test_eviction_settings_applied_and_planned(
+    admin: tuple[Gateway, WebClient], small_series: SeriesInfo
+) -> None:
+    gw, client = admin
+    storescu(gw.host, gw.port, gw.ae_title, small_series.paths)
+    got = client.get("/api/settings/evict").json()
+    assert got["running"] is True and "plan" in got["note"]
+    settings = got["settings"]
+    before = gw.config_path.read_text()
+    bad = client.request("PUT", "/api/settings/evict", {**settings, "half_life_days": 0,
+                                                        "max_bytes": "much"})  # fmt: skip
+    assert bad.status == 400
+    assert {e.split(":")[0] for e in bad.json()["errors"]} == {
+        "evict.half_life_days", "evict.max_bytes"}  # fmt: skip
+    # Valid alone, but the store's own reserve would refuse instances before eviction starts.
+    store = client.get("/api/settings/store").json()["settings"]
+    pre_empted = client.request("PUT", "/api/settings/evict", {
+        **settings, "enabled": True, "min_free_bytes": store["min_free_bytes"]})  # fmt: skip
+    assert pre_empted.status == 400
+    assert pre_empted.json()["errors"] == [
+        "evict.min_free_bytes: must be above store.min_free_bytes"]  # fmt: skip
+    assert gw.config_path.read_text() == before
+    # Limits off: nothing presses. Then a 1 kB limit: the next plan sees it, no restart.
+    off = client.request("PUT", "/api/settings/evict", {**settings, "min_free_bytes": 0})
+    assert off.status == 200 and off.json()["applied"] is True
+    assert client.get("/api/evict/plan").json()["pressure"] == []
+    tight = client.request("PUT", "/api/settings/evict", {**settings, "min_free_bytes": 0,
+                                                          "max_bytes": "1 kB"})  # fmt: skip
+    assert tight.status == 200 and tight.json()["restart_needed"] == []
+    assert load_config(gw.config_path).evict.max_bytes == 1000
+    plan = client.get("/api/evict/plan").json()
+    [crossed] = plan["pressure"]
+    assert "> max" in crossed and plan["need_bytes"] > 0
+    # Held here only: kept, and the plan says why; nothing was deleted (a plan is a dry run).
+    [kept] = plan["kept"]
+    assert kept["study"] == small_series.study_uid and kept["reason"]
+    assert plan["victims"] == [] and plan["dry_run"] is True
+    assert client.get("/api/status").json()["store"]["instances"] == len(small_series.paths)
 
 
 def test_uplink_settings_written_for_the_next_start(admin: tuple[Gateway, WebClient]) -> None:
@@ -554,3 +698,49 @@ def test_qos_measure_toward_a_peer(gateway_factory: Callable[..., Gateway]) -> N
     assert run["state"] == "done", run
     flow = run["flows"]["cbr1"]
     assert flow["sent"] == 50 and flow["received"] == 50 and flow["loss_ratio"] == 0
+
+
+def test_send_cancelled_mid_study(
+    gateway_factory: Callable[..., Gateway], small_series: SeriesInfo
+) -> None:
+    """Cancel while the node holds the first instance: the send stops after it, says so,
+    and the association ends cleanly (no further instance arrives)."""
+    import threading
+
+    from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+
+    port = free_port()
+    gw = gateway_factory(dicom={"nodes": [{"ae_title": "WS_SLOW", "host": "127.0.0.1",
+                                           "port": port}]})  # fmt: skip
+    client = WebClient(_base(gw))
+    assert client.setup(_setup_code(gw)).status == 200
+    assert storescu(gw.host, gw.port, gw.ae_title, small_series.paths).ok
+    holding, release = threading.Event(), threading.Event()
+    received: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        holding.set()
+        release.wait(30)
+        return 0x0000
+
+    node = AE(ae_title="WS_SLOW")
+    for cx in AllStoragePresentationContexts:
+        node.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    server = node.start_server(("127.0.0.1", port), block=False,
+                               evt_handlers=[(evt.EVT_C_STORE, on_store)])  # fmt: skip
+    try:
+        job = client.post("/api/sends", {"study": small_series.study_uid,
+                                         "destination": "WS_SLOW"}).json()  # fmt: skip
+        assert holding.wait(30)
+        asked = client.request("DELETE", f"/api/sends/{job['id']}").json()
+        assert asked["finished"] is False and asked["total"] == 6
+        release.set()
+        done = _send_until_finished(client, job["id"])[-1]
+    finally:
+        release.set()
+        server.shutdown()
+    assert done["finished"] and done["cancelled"] and done["error"] is None, done
+    assert (done["completed"], done["remaining"]) == (1, 5)
+    assert len(received) == 1
+    assert "cancelled, 1 completed" in gw.log()

@@ -1,8 +1,8 @@
 """The admin page in a real headless Chromium (Debian's /usr/bin/chromium driven by
 Playwright; never a downloaded browser): first-boot setup, live dashboard, settings applied
-(seen on a C-ECHO), storage and uplink settings, peer admission, a fetch whose progress bar
-reaches 100 %, a send of the study to a DICOM node, a QoS simulation, logout.
-Screenshots of a failing run are kept under the test's tmp_path."""
+(seen on a C-ECHO), storage, eviction and uplink settings, peer admission and revocation, a fetch
+whose progress bar reaches 100 %, a send of the study to a DICOM node, a QoS simulation,
+logout, login. Screenshots of a failing run are kept under the test's tmp_path."""
 
 from __future__ import annotations
 
@@ -101,13 +101,21 @@ def test_setup_dashboard_settings_peers_fetch_logout(
     expect(p.locator("#dicom-message")).to_have_text("Saved and applied")
     p.click("#echo-self")
     expect(p.locator("#dicom-message")).to_contain_text("C-ECHO PAGE_AE: success 0x0000")
-    assert 'ae_title = "PAGE_AE"' in gw.config_path.read_text()
+    saved = tomllib.loads(gw.config_path.read_text())["dicom"]
+    assert saved["ae_title"] == "PAGE_AE" and saved["nodes"] == [node]  # the node kept as is
 
     # Storage applied at once; uplinks saved for the next start, which the banner says.
     p.fill("#store-form [name=max_bytes]", "50 GB")
     p.click("#store-form button[type=submit]")
     expect(p.locator("#store-message")).to_have_text("Saved and applied")
     expect(p.locator("#store-form [name=max_bytes]")).to_have_value("50000000000")
+    # Eviction: a 1 kB cache limit, applied at once: the plan (a dry run) sees it crossed.
+    p.fill("#evict-form [name=max_bytes]", "1 kB")
+    p.fill("#evict-form [name=min_free_bytes]", "0")
+    p.click("#evict-form button[type=submit]")
+    expect(p.locator("#evict-message")).to_have_text("Saved and applied")
+    p.click("#evict-plan-button")
+    expect(p.locator("#evict-plan")).to_contain_text("over limits: store holds")
     p.click("#add-uplink")
     uplink = p.locator("#uplink-rows tr.uplink").last
     uplink.locator("[name=name]").fill("adsl1")
@@ -118,6 +126,7 @@ def test_setup_dashboard_settings_peers_fetch_logout(
     saved = tomllib.loads(gw.config_path.read_text())
     assert saved["store"]["max_bytes"] == 50_000_000_000
     assert saved["net"]["uplinks"][0]["interface"] == "eth1"
+    assert saved["evict"]["max_bytes"] == 1000 and saved["evict"]["min_free_bytes"] == 0
 
     # Peers: admit one from the form; the registry file has it.
     p.click("nav a[data-view=peers]")
@@ -129,6 +138,11 @@ def test_setup_dashboard_settings_peers_fetch_logout(
     expect(p.locator("#admit-message")).to_have_text("site-z admitted")
     expect(p.locator("#peers")).to_contain_text("site-z")
     assert "site-z" in {peer.name for peer in read_peers(gw.state_dir / "peers.toml")}
+    # Revoke asks first; confirmed, the peer is gone from the page and the registry.
+    p.once("dialog", lambda dialog: dialog.accept())
+    p.click("#peers button[data-peer=site-z]")
+    expect(p.locator("#peers")).not_to_contain_text("site-z")
+    assert {peer.name for peer in read_peers(gw.state_dir / "peers.toml")} == {holder.mesh_name}
 
     # Studies: one held only by the other gateway; fetch it and watch the bar reach 100 %.
     remote = generate_ct_series(tmp_path / "remote", 5, rows=64, cols=64, seed=26)
@@ -146,6 +160,11 @@ def test_setup_dashboard_settings_peers_fetch_logout(
     expect(transfer).to_contain_text("done", timeout=60_000)
     expect(transfer.locator("[role=progressbar]")).to_have_attribute("aria-valuenow", "100")
     expect(p.locator("#store-instances")).to_have_text("7")
+    # The peer it came from: online, seen, with the bytes it sent us.
+    source = p.locator("#dash-peers tr", has_text=holder.mesh_name)
+    expect(source.locator("td").nth(1)).to_have_text("online")
+    expect(source.locator("td").nth(2)).not_to_have_text("never")
+    expect(source.locator("td").nth(3)).not_to_have_text("0 B")
     assert p.evaluate("window.notReloaded") is True
 
     # Send the fetched study to a known DICOM node; its progress reaches 5 of 5 instances.
@@ -175,3 +194,14 @@ def test_setup_dashboard_settings_peers_fetch_logout(
     expect(p.locator("#login-form")).to_be_visible()
     p.goto(base + "/")
     expect(p).to_have_url(re.compile(r".*/login$"))
+
+    # Login: a wrong password is refused and said so; the right one opens the dashboard.
+    p.fill("#login-password", "not the password")
+    p.click("#login-form button[type=submit]")
+    expect(p.locator("#login-message")).to_contain_text("wrong password")
+    expect(p).to_have_url(base + "/login")
+    p.fill("#login-password", PASSWORD)
+    p.click("#login-form button[type=submit]")
+    expect(p).to_have_url(base + "/")
+    expect(p.locator("#live")).to_have_text("live")
+    expect(p.locator("#dicom-node")).to_contain_text("PAGE_AE")

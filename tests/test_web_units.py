@@ -238,3 +238,142 @@ def test_cli_peer_add_admin(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert main(["peer", "--state-dir", str(tmp_path), "list"]) == 0
     listed = capsys.readouterr().out.splitlines()
     assert listed[-2].endswith("\tadmin") and not listed[-1].endswith("admin")
+
+
+def _router_routes(tmp_path: Path) -> set[str]:
+    """Every route of the page's app as "METHOD /path", built as the firmware builds it."""
+    from types import SimpleNamespace
+
+    from appliance.web.server import WebServer
+
+    cfg = load_config(None, {"state_dir": str(tmp_path)})
+    parts = SimpleNamespace(cfg=cfg, config_path=tmp_path / "c.toml", started_at=0.0,
+                            store=None, mesh=None, dicom=None, net=None,
+                            evictor=None)  # fmt: skip
+    server = WebServer(cfg.web, parts)  # type: ignore[arg-type]
+    server.logs.uninstall()
+    found = set()
+    for route in server.app.router.routes():
+        if route.method == "HEAD":
+            continue
+        info = route.resource.get_info() if route.resource else {}
+        prefix = info.get("prefix", "").rstrip("/") + "/*"  # the static files
+        path = info.get("path") or info.get("formatter") or prefix
+        found.add(f"{route.method} {path}")
+    return found
+
+
+def test_api_md_documents_every_route_and_no_other(tmp_path: Path) -> None:
+    import re
+
+    from appliance.web import server
+
+    doc = (Path(server.__file__).parent / "API.md").read_text()
+    documented = set(re.findall(r"`((?:GET|POST|PUT|DELETE) /[^`\s]*)`", doc))
+    routes = _router_routes(tmp_path)
+    assert len(routes) >= 30
+    assert routes - documented == set(), "routes missing from API.md"
+    assert documented - routes == set(), "API.md documents routes that do not exist"
+
+
+def test_page_never_listens_on_an_uplink_address() -> None:
+    from appliance.web.server import on_uplinks
+
+    status = {"uplinks": [{"name": "adsl1", "source": "192.168.1.20"},
+                          {"name": "adsl2", "source": None}]}  # fmt: skip
+    listen = ["127.0.0.1", "192.168.1.20", "10.0.0.1"]
+    assert on_uplinks(listen, status) == {"192.168.1.20"}
+    assert on_uplinks(listen, None) == set()  # no network manager: nothing to compare
+
+
+def test_settings_write_section_keeps_the_rest_atomically(tmp_path: Path) -> None:
+    import tomllib
+
+    from appliance.dicom.config import DicomConfig
+    from appliance.web import settings
+
+    path = tmp_path / "dicomesh.toml"
+    path.write_text('state_dir = "/srv/x"\n[mesh]\nname = "site-a"\n[dicom]\nport = 104\n')
+    new = settings.validate_section(DicomConfig, "dicom", {"ae_title": "NEW_AE", "port": 11112})
+    settings.check_whole(path, "dicom", new)
+    settings.write_section(path, "dicom", new)
+    data = tomllib.loads(path.read_text())
+    assert data["state_dir"] == "/srv/x" and data["mesh"] == {"name": "site-a"}
+    assert data["dicom"]["ae_title"] == "NEW_AE" and data["dicom"]["port"] == 11112
+    assert load_config(path).dicom == new  # the file reads back to what was applied
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".dicomesh.toml.lock", "dicomesh.toml"]
+    with pytest.raises(ConfigError) as err:
+        settings.validate_section(DicomConfig, "dicom", {"ae_title": "", "port": "x", "nope": 1})
+    named = {e.split(":")[0] for e in err.value.errors}
+    assert named == {"dicom.ae_title", "dicom.port", "dicom.nope"}
+    # A file that no longer parses is reported, not overwritten with a guess.
+    path.write_text("[dicom\n")
+    with pytest.raises(ConfigError, match=r"dicomesh\.toml"):
+        settings.write_section(path, "dicom", new)
+    assert path.read_text() == "[dicom\n"
+
+
+def _guarded(guard: object, method: str, path: str, source: str, arrived_on: str, **kw: object):
+    """Run one request through the guard's middlewares; the handler's answer or the refusal."""
+    import asyncio
+    from unittest import mock
+
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    transport = mock.Mock()
+    transport.get_extra_info = lambda key, default=None: {
+        "peername": (source, 40000), "sockname": (arrived_on, 8080)
+    }.get(key, default)  # fmt: skip
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text="reached")
+
+    async def run() -> int:
+        request = make_mocked_request(method, path, transport=transport, **kw)
+        chain = handler
+        for middleware in reversed(guard.middlewares()):  # type: ignore[attr-defined]
+            chain = (lambda m, h: lambda r: m(r, h))(middleware, chain)
+        try:
+            return (await chain(request)).status
+        except web.HTTPException as exc:
+            return exc.status
+
+    return asyncio.run(run())
+
+
+def test_remote_admin_only_for_admin_peers_identity_from_the_source_address() -> None:
+    """On the overlay (mesh.address 10.90.1.1): an admin peer reaches the login, a plain
+    peer or an unknown overlay source is refused before any login, whatever its headers
+    say; LAN sources are not affected. /metrics is open to admin peers without a session."""
+    import base64
+    import os
+    from types import SimpleNamespace
+
+    from appliance.mesh.peers import Peer
+    from appliance.web.config import WebConfig
+    from appliance.web.guard import Guard
+
+    def peer(name: str, address: str, admin: bool) -> Peer:
+        key = base64.b64encode(os.urandom(32)).decode()
+        return Peer(name=name, public_key=key, addresses=[address], admin=admin)
+
+    peers = {p.addresses[0]: p for p in (peer("plain", "10.90.2.1", False),
+                                          peer("boss", "10.90.3.1", True))}  # fmt: skip
+    registry = SimpleNamespace(by_address=lambda a: peers.get(a))
+    guard = Guard(WebConfig(), SessionStore(100, 100), lambda: registry, "10.90.1.1")  # type: ignore[arg-type]
+    overlay, lan = "10.90.1.1", "192.168.1.5"
+    assert _guarded(guard, "GET", "/api/session", "10.90.3.1", overlay) == 200
+    assert _guarded(guard, "GET", "/api/status", "10.90.3.1", overlay) == 401  # then a login
+    assert _guarded(guard, "GET", "/metrics", "10.90.3.1", overlay) == 200  # fleet scraper
+    assert _guarded(guard, "GET", "/api/session", "10.90.2.1", overlay) == 403
+    assert _guarded(guard, "GET", "/api/session", "10.90.9.9", overlay) == 403  # not admitted
+    assert _guarded(guard, "GET", "/metrics", "10.90.2.1", overlay) == 403
+    spoofed = {"headers": {"X-Forwarded-For": "10.90.3.1", "X-Real-IP": "10.90.3.1"}}
+    assert _guarded(guard, "GET", "/api/session", "10.90.2.1", overlay, **spoofed) == 403
+    # A peer's address is its identity wherever the request arrives (the page on the LAN).
+    assert _guarded(guard, "GET", "/api/session", "10.90.2.1", lan) == 403
+    assert _guarded(guard, "GET", "/api/session", "192.168.1.30", lan) == 200
+    assert _guarded(guard, "GET", "/metrics", "192.168.1.30", lan) == 401  # not in metrics_allow
+    assert _guarded(guard, "GET", "/", "192.168.1.30", lan) == 302
+    assert guard.refused == 5

@@ -1,8 +1,10 @@
 """zeroconf between two namespaces on a bridge (tests/lab.py, LAB.md "mDNS"): a gateway in
 one advertises `_dicom._tcp` (instance = AE title, TXT AET and AETitle), `_http._tcp` and
 `_dicomesh._tcp`; a workstation-like browser in the other finds them, and the firmware's own
-Discovery there lists the gateway as a mesh candidate. And a gateway managing a real uplink
-(a veth in the lab) shows its state and counters on the dashboard and in /metrics."""
+Discovery there lists the gateway as a mesh candidate; the gateway's page offers a gateway
+announcing itself there for admission; a new AE title set on the page is re-announced.
+And a gateway managing a real uplink (a veth in the lab) shows its state and counters on
+the dashboard and in /metrics, and keeps the page off that uplink's address."""
 
 from __future__ import annotations
 
@@ -51,10 +53,66 @@ def test_dicom_http_and_mesh_services_found_across_namespaces(
         assert candidate["name"] == "clinic-zc"
         assert candidate["overlay_address"] == "127.0.0.1"
         assert candidate["lan_addresses"] == [site.addr]
+        # Another gateway on the LAN is offered for admission by the page; then a new AE
+        # title set on the page: the DICOM advert follows it, no restart.
+        rename = lab.popen(
+            other,
+            [sys.executable, "-c", _RENAME_CLIENT, f"http://{site.addr}:{gw.web_port}",
+             str(gw.state_dir / "setup-code"), "ZC_RENAMED", other.addr],
+            stdout=subprocess.PIPE, text=True,
+            env={"PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "PATH": "/usr/bin"},
+        )  # fmt: skip
+        renamed = json.loads(rename.communicate(timeout=40)[0])
+        [offered] = renamed["candidates"]
+        assert (offered["role"], offered["overlay_address"], offered["mesh_port"]) == (
+            "replica", "10.90.7.1", 7480)  # fmt: skip
+        assert offered["public_keys"] == ["A" * 43 + "="]
+        assert offered["lan_addresses"] == [other.addr]
+        assert renamed["status"] == 200
+        probe = lab.popen(
+            other,
+            [sys.executable, str(REPO / "tests" / "zeroconf_probe.py"), other.addr, "15"],
+            stdout=subprocess.PIPE, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin"},
+        )  # fmt: skip
+        out, _ = probe.communicate(timeout=40)
+        assert probe.returncode == 0
+        [dicom] = json.loads(out)["dicom"]
+        assert dicom["name"] == "ZC_RENAMED._dicom._tcp.local."
+        assert dicom["txt"]["AET"] == dicom["txt"]["AETitle"] == "ZC_RENAMED"
         gw.stop()
 
 
-# Run inside the gateway's namespace: /metrics (open to the lab subnet), then the dashboard's
+# Run in another namespace, as a second gateway "site-new" announcing itself: log in to the
+# page, wait until it offers site-new for admission (GET /api/peers candidates), then set a
+# new AE title. Prints the candidate found and the PUT's status.
+_RENAME_CLIENT = """
+import asyncio, json, sys, time
+from webkit import WebClient
+from appliance.web.discovery import Advert, Discovery
+base, code_file, ae_title, address = sys.argv[1:5]
+
+async def main():
+    new = Discovery(Advert("NEW_AE", 104, 8080, "site-new", "replica", "10.90.7.1", 7480,
+                           ("A" * 43 + "=",)), [address])
+    await new.start()
+    client = WebClient(base)
+    await asyncio.to_thread(client.setup, open(code_file).read().strip())
+    found, deadline = [], time.monotonic() + 15
+    while not found and time.monotonic() < deadline:
+        peers = (await asyncio.to_thread(client.get, "/api/peers")).json()
+        found = [c for c in peers["candidates"] if c["name"] == "site-new"]
+        await asyncio.sleep(0.3)
+    await new.stop()
+    settings = (await asyncio.to_thread(client.get, "/api/settings/dicom")).json()["settings"]
+    put = await asyncio.to_thread(client.request, "PUT", "/api/settings/dicom",
+                                  {**settings, "ae_title": ae_title})
+    print(json.dumps({"candidates": found, "status": put.status}))
+
+asyncio.run(main())
+"""
+
+
+# Run inside the gateway's namespace: /metrics (open to loopback by default), then the dashboard's
 # status twice, logged in with the setup code. Prints one JSON object.
 _UPLINK_CLIENT = """
 import json, sys, time
@@ -86,12 +144,14 @@ def test_uplink_state_and_counters_on_dashboard_and_metrics(
     gateway_factory: Callable[..., Gateway],
 ) -> None:
     """A gateway managing one real uplink (a veth to the lab's hub, next hop = the other
-    namespace): its health, probe RTT and interface counters in /metrics and the status."""
+    namespace): its health, probe RTT and interface counters in /metrics and the status;
+    the page is not served on the uplink's address even when web.listen names it."""
     with Lab(k=1, up_bps=None, down_bps=None) as lab:
         site, hop = lab.sources[0], lab.downloader
         gw = gateway_factory(
             start=False, dicom={"listen": site.addr},
-            web={"listen": [site.addr], "metrics_allow": ["10.77.0.0/24"]},
+            # The uplink's own address is refused for the page; loopback serves it.
+            web={"listen": ["127.0.0.1", site.addr]},
             net={
                 "uplinks": [{"name": "adsl1", "interface": site.iface, "gateway": hop.addr,
                              "up_kbps": 8000, "down_kbps": 30000}],
@@ -101,13 +161,16 @@ def test_uplink_state_and_counters_on_dashboard_and_metrics(
         gw.start(netns=site.ns)
         client = lab.popen(
             site,
-            [sys.executable, "-c", _UPLINK_CLIENT, f"http://{site.addr}:{gw.web_port}",
+            [sys.executable, "-c", _UPLINK_CLIENT, f"http://127.0.0.1:{gw.web_port}",
              str(gw.state_dir / "setup-code")],
             stdout=subprocess.PIPE, text=True,
             env={"PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "PATH": "/usr/bin"},
         )  # fmt: skip
         out, _ = client.communicate(timeout=60)
         assert client.returncode == 0
+        log = gw.log()
+        assert f"admin page not on {site.addr}: that is an uplink's address" in log
+        assert f"admin page on http://127.0.0.1:{gw.web_port}/\n" in log
         seen = json.loads(out)
         metrics = {(name, tuple(sorted(labels.items()))): value
                    for name, labels, value in seen["metrics"]}  # fmt: skip

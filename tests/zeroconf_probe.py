@@ -16,7 +16,7 @@ import time
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from appliance.web.discovery import DICOM_TYPE, HTTP_TYPE, Advert, Discovery
+from appliance.web.discovery import DICOM_TYPE, HTTP_TYPE, Advert, Discovery, service_infos
 
 
 async def main(address: str, timeout: float) -> dict:
@@ -27,19 +27,25 @@ async def main(address: str, timeout: float) -> dict:
     ) -> None:
         found[service_type].append(name)
 
-    discovery = Discovery(Advert("PROBE", 104, 8080, "probe-gw", "clinic", "10.90.9.1", 7480),
-                          [address])  # fmt: skip
+    advert = Advert("PROBE", 104, 8080, "probe-gw", "clinic", "10.90.9.1", 7480)
+    # The stand-in gateway's own adverts are not what we look for.
+    own = {info.name for info in service_infos(advert, [address])}
+    discovery = Discovery(advert, [address])
     await discovery.start()
+
+    def others(service_type: str) -> list[str]:
+        return [n for n in dict.fromkeys(found[service_type]) if n not in own]
+
     zc = AsyncZeroconf(interfaces=[address], ip_version=IPVersion.V4Only)
     browser = AsyncServiceBrowser(zc.zeroconf, [DICOM_TYPE, HTTP_TYPE], handlers=[on_change])
     out: dict = {"dicom": [], "http": [], "candidates": []}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         await asyncio.sleep(0.2)
-        if found[DICOM_TYPE] and found[HTTP_TYPE] and discovery.seen():
+        if others(DICOM_TYPE) and others(HTTP_TYPE) and discovery.seen():
             break
     for kind, service_type in (("dicom", DICOM_TYPE), ("http", HTTP_TYPE)):
-        for name in found[service_type]:
+        for name in others(service_type):
             info = AsyncServiceInfo(service_type, name)
             if await info.async_request(zc.zeroconf, 3000):
                 out[kind].append({

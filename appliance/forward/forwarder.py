@@ -115,6 +115,12 @@ class Forwarder:
         self._wake.set()
         return job
 
+    def set_destinations(self, destinations: dict[str, Destination]) -> None:
+        """New `[dicom] nodes` (admin page): the next try of every job uses them. A send in
+        progress finishes with the node it started with."""
+        self.destinations = dict(destinations)  # one reference swap: atomic for _send
+        self._wake.set()
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -14,11 +13,11 @@ from typing import Any
 
 from aiohttp import web
 
-from appliance.dicom.config import DicomConfig, DicomNode
+from appliance.dicom.config import DicomNode
 from appliance.dicom.push import Pushes
 from appliance.mesh import peers as registry_file
 from appliance.schema import ConfigError, dump
-from appliance.web import diagnostics, metrics, settings, status, studies
+from appliance.web import diagnostics, metrics, status, studies
 from appliance.web.api_qos import QosRoutes
 from appliance.web.api_sends import SendRoutes
 from appliance.web.api_settings import SettingsRoutes
@@ -90,8 +89,6 @@ class Api:
         r.add_get("/api/peers", self.peers)
         r.add_post("/api/peers", self.admit)
         r.add_delete("/api/peers/{name}", self.revoke)
-        r.add_get("/api/settings/dicom", self.dicom_settings)
-        r.add_put("/api/settings/dicom", self.put_dicom_settings)
         r.add_post("/api/dicom/echo", self.echo)
         r.add_get("/api/logs", self.recent_logs)
         r.add_get("/api/diagnostics", self.diagnostics)
@@ -297,38 +294,7 @@ class Api:
         log.info("web: peer %s revoked", name)
         return reply({"revoked": name})
 
-    # -- settings ---------------------------------------------------------------------------
-
-    async def dicom_settings(self, request: web.Request) -> web.Response:
-        return reply({
-            "settings": dump(self.parts.cfg.dicom),
-            "file": str(self.parts.config_path),
-            "restart_needed": sorted(self.restart_needed),
-        })  # fmt: skip
-
-    async def put_dicom_settings(self, request: web.Request) -> web.Response:
-        body = await body_of(request)
-        try:
-            new = settings.validate_section(DicomConfig, "dicom", body)
-        except ConfigError as exc:
-            return error(400, "invalid settings", errors=exc.errors)
-        try:
-            await self._executor(settings.write_section, self.parts.config_path, "dicom", new)
-        except (OSError, ConfigError) as exc:
-            return error(500, f"cannot write {self.parts.config_path}: {exc}")
-        restart: list[str] = []
-        if self.parts.dicom is not None:
-            restart = self.parts.dicom.apply(new)
-        self.parts.cfg = dataclasses.replace(self.parts.cfg, dicom=new)
-        self.restart_needed.update(f"dicom.{k}" for k in restart)
-        log.info("web: DICOM settings written to %s%s", self.parts.config_path,
-                 f" (restart needed for {', '.join(restart)})" if restart else "")  # fmt: skip
-        if self.discovery is not None:
-            await self.discovery.update_ae(new.ae_title)
-        return reply({
-            "settings": dump(new), "file": str(self.parts.config_path),
-            "applied": True, "restart_needed": sorted(self.restart_needed),
-        })  # fmt: skip
+    # -- C-ECHO -----------------------------------------------------------------------------
 
     async def echo(self, request: web.Request) -> web.Response:
         body = await body_of(request)

@@ -127,11 +127,12 @@ class QosRoutes:
         else:
             try:
                 flows = parse_flows(specs)
-                if peer is not None:
-                    version = ip_version(peer.addresses[0])
-                    for flow in flows:
-                        if isinstance(flow, CbrFlow):
-                            probe_payload(flow.packet_bytes, version)
+                # Sizes checked for the peer's IP version; with no valid peer, for IPv4 (the
+                # smallest headers): a size too small there is too small for any path.
+                version = ip_version(peer.addresses[0]) if peer is not None else 4
+                for flow in flows:
+                    if isinstance(flow, CbrFlow):
+                        probe_payload(flow.packet_bytes, version)
             except FlowSpecError as exc:
                 errors.append(f"flows: {exc}")
         if errors:

@@ -22,3 +22,5 @@ class GatewayParts(Protocol):
     mesh: MeshNode | None
     dicom: DicomNodeServer | None
     net: Any  # appliance.net.manager.NetworkManager | None (status() only)
+    forwarder: Any  # appliance.forward.forwarder.Forwarder | None (set_destinations)
+    evictor: Any  # appliance.evict.evictor.Evictor | None (apply, async_plan, last_report)

@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -29,6 +30,15 @@ SHUTDOWN_TIMEOUT_S = 2.0  # live streams end at stop; nothing else takes long
 def url_of(address: str, port: int) -> str:
     host = f"[{address}]" if ":" in address else address
     return f"http://{host}:{port}/"
+
+
+def on_uplinks(listen: list[str], net_status: dict[str, Any] | None) -> set[str]:
+    """The `listen` addresses that are an uplink's own address (the network manager's
+    status): the page must never be reachable from the internet side."""
+    sources = {
+        str(u.get("source")) for u in (net_status or {}).get("uplinks", []) if u.get("source")
+    }
+    return {a for a in listen if a in sources}
 
 
 class WebServer:
@@ -85,7 +95,11 @@ class WebServer:
             self.app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S
         )
         await self._runner.setup()
+        refused = on_uplinks(self.cfg.listen, await self._net_status())
         for address in self.cfg.listen:
+            if address in refused:
+                log.error("admin page not on %s: that is an uplink's address (web.listen)", address)
+                continue
             try:
                 await web.TCPSite(self._runner, address, self.cfg.port, reuse_address=True).start()
             except OSError as exc:
@@ -104,6 +118,16 @@ class WebServer:
             log.warning("admin page not set up yet: setup code in %s", self.account.code_path)
         if self.cfg.zeroconf:
             await self._start_discovery()
+
+    async def _net_status(self) -> dict[str, Any] | None:
+        if self.parts.net is None:
+            return None
+        try:
+            found: dict[str, Any] = await self.parts.net.status()
+        except Exception as exc:  # the page starts whatever the lines do
+            log.debug("uplink status unavailable: %s", exc)
+            return None
+        return found
 
     @property
     def port(self) -> int | None:

@@ -256,18 +256,20 @@ async function admit(ev) {
 
 // -- settings --------------------------------------------------------------------------------
 
+// Node inputs are named node_*: inside #dicom-form a second `ae_title` or `port` would turn
+// form.ae_title into a list and the node's own fields would be read as empty.
 function nodeRow(n) {
   const tr = el("tr", null, { class: "node" });
   for (const [k, type] of [["ae_title", "text"], ["host", "text"], ["port", "number"]]) {
     const td = el("td");
-    const input = el("input", null, { name: k, type });
+    const input = el("input", null, { name: `node_${k}`, type, "aria-label": `node ${k}` });
     input.value = n[k] === undefined ? "" : n[k];
     td.appendChild(input);
     tr.appendChild(td);
   }
   const td = el("td");
   const echo = el("button", "C-ECHO", { type: "button" });
-  echo.addEventListener("click", () => cEcho(tr.querySelector("[name=ae_title]").value));
+  echo.addEventListener("click", () => cEcho(tr.querySelector("[name=node_ae_title]").value));
   const remove = el("button", "Remove", { type: "button" });
   remove.addEventListener("click", () => tr.remove());
   td.append(echo, remove);
@@ -299,9 +301,9 @@ async function saveSettings(ev) {
     allowed_calling: f.allowed_calling.value.split(",").map((a) => a.trim()).filter(Boolean),
     strict_called_ae: f.strict_called_ae.checked,
     nodes: [...$("nodes").querySelectorAll("tr.node")].map((tr) => ({
-      ae_title: tr.querySelector("[name=ae_title]").value,
-      host: tr.querySelector("[name=host]").value,
-      port: Number(tr.querySelector("[name=port]").value),
+      ae_title: tr.querySelector("[name=node_ae_title]").value,
+      host: tr.querySelector("[name=node_host]").value,
+      port: Number(tr.querySelector("[name=node_port]").value),
     })),
   });
   const r = await api("PUT", "/api/settings/dicom", body);
@@ -346,6 +348,38 @@ async function saveStore(ev) {
   const r = await api("PUT", "/api/settings/store", body);
   $("store-message").textContent = r.ok ? "Saved and applied" : problem(r);
   if (r.ok) loadStore();
+}
+
+let evictSettings = null;
+const EVICT_SIZES = ["max_bytes", "min_free_bytes", "slack_bytes"];
+const EVICT_NUMBERS = ["max_idle_days", "min_idle_s", "half_life_days", "min_holders", "interval_s", "check_after_store_s"];
+
+async function loadEvict() {
+  const r = await api("GET", "/api/settings/evict");
+  if (!r.ok) return;
+  evictSettings = r.data.settings;
+  $("evict-note").textContent = r.data.note;
+  const f = $("evict-form");
+  f.enabled.checked = evictSettings.enabled;
+  f.dry_run.checked = evictSettings.dry_run;
+  for (const k of [...EVICT_SIZES, ...EVICT_NUMBERS]) f[k].value = evictSettings[k];
+}
+
+async function saveEvict(ev) {
+  ev.preventDefault();
+  const f = $("evict-form");
+  const body = Object.assign({}, evictSettings, { enabled: f.enabled.checked, dry_run: f.dry_run.checked });
+  for (const k of EVICT_SIZES) body[k] = sizeValue(f[k].value);
+  for (const k of EVICT_NUMBERS) body[k] = Number(f[k].value);
+  const r = await api("PUT", "/api/settings/evict", body);
+  $("evict-message").textContent = r.ok ? "Saved and applied" : problem(r);
+  if (r.ok) loadEvict();
+}
+
+async function evictPlan() {
+  $("evict-plan").textContent = "…";
+  const r = await api("GET", "/api/evict/plan");
+  $("evict-plan").textContent = r.ok ? r.data.text : problem(r);
 }
 
 const UPLINK_FIELDS = [["name", "text"], ["interface", "text"], ["gateway", "text"], ["up_kbps", "number"],
@@ -395,7 +429,7 @@ async function saveNet(ev) {
   if (r.ok) loadNet();
 }
 
-async function loadAllSettings() { await Promise.all([loadSettings(), loadStore(), loadNet()]); }
+async function loadAllSettings() { await Promise.all([loadSettings(), loadStore(), loadEvict(), loadNet()]); }
 
 // -- QoS -------------------------------------------------------------------------------------
 
@@ -503,6 +537,8 @@ async function init() {
   $("password-form").addEventListener("submit", changePassword);
   $("store-form").addEventListener("submit", saveStore);
   $("net-form").addEventListener("submit", saveNet);
+  $("evict-form").addEventListener("submit", saveEvict);
+  $("evict-plan-button").addEventListener("click", evictPlan);
   $("add-uplink").addEventListener("click", () => $("uplink-rows").appendChild(uplinkRow({ gateway: "dhcp", up_kbps: 800, down_kbps: 3000 })));
   $("simulate-form").addEventListener("submit", simulate);
   $("measure-form").addEventListener("submit", measurePath);
