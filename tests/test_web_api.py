@@ -744,3 +744,45 @@ def test_send_cancelled_mid_study(
     assert (done["completed"], done["remaining"]) == (1, 5)
     assert len(received) == 1
     assert "cancelled, 1 completed" in gw.log()
+
+
+def test_update_bundle_upload_is_verified_before_it_is_queued(
+    gateway_factory: Callable[..., Gateway], tmp_path: Path
+) -> None:
+    """A bundle signed with the baked-in key is queued for dicomesh-update.service under its
+    trigger name; a foreign signature or a truncated upload is refused with nothing queued."""
+    from appliance.firmware import bundle as bundles
+    from appliance.firmware import inbox
+
+    ours, theirs = bundles.generate_key(), bundles.generate_key()
+    public = tmp_path / "update.pub"
+    public.write_bytes(bundles.public_key_pem(ours.public_key()))
+    tree = tmp_path / "tree"
+    (tree / "bin").mkdir(parents=True)
+    (tree / "bin" / "dicomesh").write_text("#!/bin/sh\n" + "# payload\n" * 20000)
+    good, foreign = tmp_path / "good.bundle", tmp_path / "foreign.bundle"
+    bundles.build(tree, good, ours, "9.9.9")
+    bundles.build(tree, foreign, theirs, "6.6.6")
+    gw = gateway_factory(web={"update_key": str(public)})
+    client = WebClient(_base(gw))
+    assert client.setup(_setup_code(gw)).status == 200
+    upload = dict(content_type="application/octet-stream")
+    incoming = gw.state_dir / inbox.UPDATES_DIR / inbox.INCOMING
+
+    refused = client.post("/api/system/update", foreign.read_bytes(), **upload)
+    assert refused.status == 400 and refused.json()["error"].startswith("bundle:"), refused
+    cut = good.read_bytes()[: good.stat().st_size * 2 // 3]
+    assert client.post("/api/system/update", cut, **upload).status == 400
+    assert not incoming.exists()
+    assert client.get("/api/system/update").json()["pending"] is False
+    assert "not queued" not in gw.log()
+
+    queued = client.post("/api/system/update", good.read_bytes(), **upload)
+    assert queued.status == 202 and queued.json() == {"version": "9.9.9", "queued": True}
+    assert incoming.read_bytes() == good.read_bytes()
+    assert sorted(p.name for p in incoming.parent.iterdir()) == [inbox.INCOMING]
+    assert client.get("/api/system/update").json()["pending"] is True
+    again = client.post("/api/system/update", good.read_bytes(), **upload)
+    assert again.status == 409
+    anonymous = WebClient(_base(gw))
+    assert anonymous.post("/api/system/update", good.read_bytes(), **upload).status in (401, 403)

@@ -58,6 +58,21 @@ def page(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[object]:
             browser.close()
 
 
+def _signed_bundle(tmp_path: Path, version: str) -> tuple[Path, Path]:
+    """An update bundle signed with a fresh key, and that key's public half."""
+    from appliance.firmware import bundle as bundles
+
+    key = bundles.generate_key()
+    public = tmp_path / "update.pub"
+    public.write_bytes(bundles.public_key_pem(key.public_key()))
+    tree = tmp_path / "fw-tree"
+    (tree / "bin").mkdir(parents=True)
+    (tree / "bin" / "dicomesh").write_text("#!/bin/sh\n")
+    out = tmp_path / f"dicomesh-{version}.bundle"
+    bundles.build(tree, out, key, version)
+    return out, public
+
+
 def test_setup_dashboard_settings_peers_fetch_logout(
     gateway_factory: Callable[..., Gateway],
     small_series: SeriesInfo,
@@ -68,7 +83,10 @@ def test_setup_dashboard_settings_peers_fetch_logout(
     holder = gateway_factory(**fast)
     dest_port = free_port()
     node = {"ae_title": "WS_DEST", "host": "127.0.0.1", "port": dest_port}
-    gw = gateway_factory(dicom={"nodes": [node]}, **fast)
+    bundle, public = _signed_bundle(tmp_path, "9.9.9")
+    gw = gateway_factory(
+        dicom={"nodes": [node]}, **{**fast, "web": {**fast["web"], "update_key": str(public)}}
+    )
     holder.admit(gw)
     gw.admit(holder)
     base = f"http://127.0.0.1:{gw.web_port}"
@@ -187,6 +205,14 @@ def test_setup_dashboard_settings_peers_fetch_logout(
     expect(p.locator("#qos-runs")).to_contain_text("done", timeout=60_000)
     expect(p.locator("#qos-runs")).to_contain_text("ecg: loss 0.00 %")
     expect(p.locator("#report-link")).to_have_attribute("href", re.compile(r"left=q1&right=q1"))
+
+    # System: upload a signed firmware bundle; it is verified and queued for the updater.
+    p.click("nav a[data-view=system]")
+    p.set_input_files("#update-form [name=bundle]", str(bundle))
+    p.click("#update-form button[type=submit]")
+    expect(p.locator("#update-message")).to_contain_text("Version 9.9.9 verified")
+    expect(p.locator("#fw-last")).to_have_text("an update is being installed")
+    assert (gw.state_dir / "updates" / "incoming.bundle").read_bytes() == bundle.read_bytes()
 
     # Logout: back to the login page, and the dashboard is closed again.
     p.click("#logout")

@@ -74,7 +74,10 @@ class WebClient:
         headers: dict[str, str] | None = None,
         timeout: float = 30.0,
     ) -> Reply:
-        data = None if body is None else json.dumps(body).encode()
+        if isinstance(body, bytes):  # sent as is (an upload)
+            data: bytes | None = body
+        else:
+            data = None if body is None else json.dumps(body).encode()
         if method not in ("GET", "HEAD") and data is None:
             data = b"{}"
         req = urllib.request.Request(self.base + path, data=data, method=method)

@@ -21,6 +21,7 @@ from appliance.web import diagnostics, metrics, status, studies
 from appliance.web.api_qos import QosRoutes
 from appliance.web.api_sends import SendRoutes
 from appliance.web.api_settings import SettingsRoutes
+from appliance.web.api_update import UpdateRoutes
 from appliance.web.auth import Account, AuthError
 from appliance.web.config import WebConfig
 from appliance.web.echo import c_echo
@@ -96,6 +97,7 @@ class Api:
         SendRoutes(self).routes(app)
         SettingsRoutes(self).routes(app)
         QosRoutes(self).routes(app)
+        UpdateRoutes(self).routes(app)
 
     async def stop(self) -> None:
         """End what the page started: QoS runs, sends to DICOM nodes."""

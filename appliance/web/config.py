@@ -5,8 +5,16 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from pathlib import Path
 
-from appliance.schema import ip_address, non_negative, port_range, positive, setting
+from appliance.schema import (
+    absolute_path,
+    ip_address,
+    non_negative,
+    port_range,
+    positive,
+    setting,
+)
 
 DEFAULT_PORT = 8080
 
@@ -67,6 +75,11 @@ class WebConfig:
         1.0, check=positive, doc="how often the page's live stream (/api/events) pushes status"
     )
     log_lines: int = setting(2000, check=positive, doc="recent log lines kept for the page")
+    update_key: Path = setting(
+        Path("/etc/dicomesh/update.pub"),
+        check=absolute_path,
+        doc="Ed25519 public key (PEM) update bundles must be signed with (baked into the image)",
+    )
     zeroconf: bool = setting(
         True, doc="advertise _dicom._tcp, _http._tcp, _dicomesh._tcp and browse for gateways"
     )

@@ -42,6 +42,8 @@ PUBLIC_ROUTES = {
 }
 PUBLIC_PREFIXES = ("/static/",)
 METRICS_PATH = "/metrics"
+UPLOAD_PATHS = frozenset({"/api/system/update"})  # bodies that are files, not JSON
+UPLOAD_TYPE = "application/octet-stream"
 
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -163,8 +165,10 @@ class Guard:
         origin = request.headers.get("Origin")
         if origin is not None and origin.split("://", 1)[-1] != request.host:
             raise _json_error(web.HTTPForbidden, "cross-origin request refused")
-        if request.content_type != "application/json":
-            raise _json_error(web.HTTPUnsupportedMediaType, "send JSON (application/json)")
+        # Neither type can be sent cross-site without a CORS preflight (a plain form can't).
+        allowed = UPLOAD_TYPE if request.path in UPLOAD_PATHS else "application/json"
+        if request.content_type != allowed:
+            raise _json_error(web.HTTPUnsupportedMediaType, f"send {allowed}")
         session = request.get(SESSION_KEY)
         if session is not None and not csrf_ok(session, request.headers.get(CSRF_HEADER)):
             raise _json_error(web.HTTPForbidden, "missing or wrong CSRF token")

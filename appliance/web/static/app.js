@@ -376,6 +376,35 @@ async function saveEvict(ev) {
   if (r.ok) loadEvict();
 }
 
+// -- firmware update ---------------------------------------------------------------------------
+
+async function loadUpdate() {
+  const r = await api("GET", "/api/system/update");
+  if (!r.ok) return;
+  $("fw-version").textContent = r.data.version;
+  const last = r.data.last_result;
+  $("fw-last").textContent = r.data.pending ? "an update is being installed"
+    : last ? `last update: ${JSON.stringify(last)}` : "no update installed yet";
+}
+
+async function uploadUpdate(ev) {
+  ev.preventDefault();
+  const file = $("update-form").bundle.files[0];
+  if (!file) return;
+  $("update-message").textContent = "Uploading and checking the signature…";
+  // The bundle itself is the body (not JSON): the server streams it to disk.
+  const res = await fetch("/api/system/update", {
+    method: "POST", credentials: "same-origin", body: file,
+    headers: { "Content-Type": "application/octet-stream", "X-CSRF-Token": csrf },
+  });
+  let data = {};
+  try { data = await res.json(); } catch (e) { /* not JSON */ }
+  $("update-message").textContent = res.ok
+    ? `Version ${data.version} verified; installing (the gateway restarts into it, or rolls back)`
+    : problem({ data, status: res.status });
+  loadUpdate();
+}
+
 async function evictPlan() {
   $("evict-plan").textContent = "…";
   const r = await api("GET", "/api/evict/plan");
@@ -513,7 +542,7 @@ async function loadLogs(ev) {
 
 // -- navigation ------------------------------------------------------------------------------
 
-const loaders = { studies: loadStudiesView, peers: loadPeers, settings: loadAllSettings, qos: loadQos, system: loadLogs };
+const loaders = { studies: loadStudiesView, peers: loadPeers, settings: loadAllSettings, qos: loadQos, system: () => { loadLogs(); loadUpdate(); } };
 
 function route() {
   const view = (location.hash || "#dashboard").slice(1);
@@ -538,6 +567,7 @@ async function init() {
   $("store-form").addEventListener("submit", saveStore);
   $("net-form").addEventListener("submit", saveNet);
   $("evict-form").addEventListener("submit", saveEvict);
+  $("update-form").addEventListener("submit", uploadUpdate);
   $("evict-plan-button").addEventListener("click", evictPlan);
   $("add-uplink").addEventListener("click", () => $("uplink-rows").appendChild(uplinkRow({ gateway: "dhcp", up_kbps: 800, down_kbps: 3000 })));
   $("simulate-form").addEventListener("submit", simulate);
