@@ -20,6 +20,9 @@ import aiohttp
 import uvloop
 
 from appliance import __version__
+from appliance.central.broker import CentralBroker
+from appliance.central.relay import CentralRelay
+from appliance.central.scu import CentralSCU
 from appliance.config import Config
 from appliance.control import ControlServer
 from appliance.dicom.scp import DicomNodeServer
@@ -67,9 +70,12 @@ def has_net_admin() -> bool:
 class _DicomMeshAccess:
     """The mesh as the DICOM node sees it (appliance.dicom.sources.MeshAccess)."""
 
-    def __init__(self, mesh: MeshNode, list_remote: bool) -> None:
+    def __init__(
+        self, mesh: MeshNode, list_remote: bool, central: CentralRelay | None = None
+    ) -> None:
         self._mesh = mesh
         self.list_remote = list_remote
+        self.central = central  # appliance.dicom.sources.CentralAccess
 
     def remote_reader(self) -> RemoteReader:
         return RemoteReader(self._mesh.catalog)
@@ -95,6 +101,8 @@ class Gateway:
         self.net: NetworkManager | None = None
         self.forwarder: Forwarder | None = None
         self.evictor: Evictor | None = None
+        self.central: CentralRelay | None = None
+        self.broker: CentralBroker | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -122,14 +130,19 @@ class Gateway:
         if self.cfg.mesh.enabled:
             network = mesh_network(self.cfg, self.net) if self.net is not None else None
             self.mesh = MeshNode(self.cfg.mesh, state, self.store, network)
+            self.central, self.broker = _build_central(self.cfg, self.mesh, self.store)
             await self.mesh.start()
             self.control.add_routes(self.mesh.control_routes)
-            access = _DicomMeshAccess(self.mesh, self.cfg.mesh.list_remote_studies)
+            access = _DicomMeshAccess(self.mesh, self.cfg.mesh.list_remote_studies, self.central)
         if self.cfg.qos.enabled:
             self.probe = await _start_probe(self.cfg, state, self.mesh)
         # After the mesh: an eviction is announced in its catalog.
         self.evictor = Evictor(
-            self.cfg.evict, self.store, self.mesh.catalog if self.mesh is not None else None
+            self.cfg.evict,
+            self.store,
+            self.mesh.catalog if self.mesh is not None else None,
+            # What a replica's central PACS sent it is held there.
+            central_aes=[self.cfg.central.ae_title] if self.broker is not None else (),
         )
         await self.evictor.start()
         self.control.add_routes(evict_routes(self.evictor))
@@ -159,6 +172,12 @@ class Gateway:
         if self.probe is not None:
             await self.probe.stop()
             self.probe = None
+        if self.central is not None:
+            await self.central.stop()
+            self.central = None
+        if self.broker is not None:
+            await self.broker.stop()
+            self.broker = None
         if self.mesh is not None:
             await self.mesh.stop()
             self.mesh = None
@@ -194,6 +213,30 @@ async def _start_probe(cfg: Config, state: Path, mesh: MeshNode | None) -> Probe
         log.error("qos probe responder off: port %d: %s", cfg.qos.probe_port, exc)
         return None
     return probe
+
+
+def _build_central(
+    cfg: Config, mesh: MeshNode, store: Store
+) -> tuple[CentralRelay | None, CentralBroker | None]:
+    """With [central] on: the relay every gateway uses, and on gateways whose role talks to
+    the central PACS, the broker (its mesh routes are added before the mesh starts)."""
+    if not cfg.central.enabled:
+        return None, None
+    broker = None
+    if cfg.central.talks_directly(cfg.mesh.role):
+        scu = CentralSCU(
+            cfg.central,
+            cfg.dicom.ae_title,
+            cfg.central.move_destination or cfg.dicom.ae_title,
+        )
+        broker = CentralBroker(scu, store, mesh.catalog, cfg.central.origin(cfg.mesh.name))
+        mesh.add_routes(broker.routes)
+    relay = CentralRelay(cfg.central, mesh, store, broker)
+    mesh.central_fetch = relay.fetch
+    if broker is not None:
+        # Its share in, a replica swarms the rest from the other replicas over their LAN.
+        broker.on_share_done = relay.fetch
+    return relay, broker
 
 
 def mesh_network(cfg: Config, net: NetworkManager) -> MeshNetwork:

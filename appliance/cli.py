@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     remove = peer_sub.add_parser("remove", help="revoke a gateway")
     remove.add_argument("name")
 
-    fetch = sub.add_parser("fetch", help="pull a study from the mesh into this gateway")
+    fetch = sub.add_parser(
+        "fetch", help="pull a study from the mesh (or, with [central], the central PACS) here"
+    )
     fetch.add_argument("study", help="Study Instance UID")
     fetch.add_argument("--config", type=Path, help="TOML config file (for state_dir)")
     fetch.add_argument("--state-dir", type=Path, help="override state_dir")

@@ -13,6 +13,11 @@ Keys (each subsystem owns its section's schema; see `schema.describe(Config)` fo
     port = 11113
     [store]
     max_bytes = 0                # 0 = no limit besides the disk
+    [central]                    # the central PACS (replicas talk to it, clinics via them)
+    enabled = true
+    ae_title = "PACS"
+    host = "10.0.0.5"
+    port = 104
     [[forward.rules]]            # store-and-forward: what arrives by C-STORE and matches
     name = "ct-to-ws1"
     destinations = ["WS1"]       # AE titles of [[dicom.nodes]]
@@ -33,6 +38,7 @@ from typing import Any, Literal
 
 import tomli_w
 
+from appliance.central.config import CentralConfig, check_mesh
 from appliance.dicom.config import DicomConfig
 from appliance.evict.config import EvictConfig, check_limits
 from appliance.forward.config import ForwardConfig, check_destinations
@@ -71,12 +77,17 @@ class Config:
         default_factory=ForwardConfig, doc="store-and-forward rules and retry schedule"
     )
     evict: EvictConfig = setting(default_factory=EvictConfig, doc="cache eviction (replicas)")
+    central: CentralConfig = setting(
+        default_factory=CentralConfig, doc="the central PACS and who talks to it"
+    )
 
     def validate(self) -> list[tuple[str, str]]:
         """Rules across sections: forwarding destinations must be known DICOM nodes; the
-        eviction limits must fit the store's."""
-        return check_destinations(self.forward, [n.ae_title for n in self.dicom.nodes]) + (
-            check_limits(self.evict, self.store)
+        eviction limits must fit the store's; the central PACS is reached over the mesh."""
+        return (
+            check_destinations(self.forward, [n.ae_title for n in self.dicom.nodes])
+            + check_limits(self.evict, self.store)
+            + check_mesh(self.central, self.mesh.enabled)
         )
 
 

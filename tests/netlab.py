@@ -204,6 +204,33 @@ def uapi_sockets(prefix: str) -> list[Path]:
     return sorted(p for p in UAPI_DIR.iterdir() if p.name.startswith(prefix))
 
 
+def uapi_peer_endpoints(ifname: str, timeout: float = 5.0) -> dict[str, str | None]:
+    """A wireguard-go device's peers as the remote sees them, read over its UAPI socket like
+    `wg show <ifname> endpoints` would: public key (hex) -> current endpoint (after roaming)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(UAPI_DIR / f"{ifname}.sock"))
+        sock.sendall(b"get=1\n\n")
+        reply = b""
+        while not reply.endswith(b"\n\n"):
+            data = sock.recv(1 << 16)
+            if not data:
+                break
+            reply += data
+    peers: dict[str, str | None] = {}
+    key = None
+    for line in reply.decode().splitlines():
+        name, _, value = line.partition("=")
+        if name == "public_key":
+            key = value
+            peers[key] = None
+        elif name == "endpoint" and key is not None:
+            peers[key] = value
+    return peers
+
+
 def wait_until(predicate, timeout: float, every: float = 0.05) -> bool:
     """Poll `predicate` until true or `timeout` s passed; its last value."""
     deadline = time.monotonic() + timeout

@@ -8,6 +8,7 @@ Routing is checked from outside with `ip -json` / `tc -json`, not with our code.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import shutil
 import socket
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 from asynckit import run
 from lab import TCP_GOODPUT, Lines, leftovers, probe_cmd
-from netlab import UplinkLab, uapi_sockets
+from netlab import UplinkLab, uapi_peer_endpoints, uapi_sockets
 
 from appliance.mesh.peers import Peer
 from appliance.net import keys
@@ -196,6 +197,7 @@ def goodput(lab: UplinkLab, sockets: list[socket.socket], port: int) -> dict[str
     }
 
 
+@pytest.mark.slow  # ~20 s: four timed shaped-rate phases
 def test_bound_sockets_each_get_their_own_shaped_uplink(lab3: UplinkLab, tmp_path) -> None:
     lab = lab3
     cfg = net_config(lab, shape=True)
@@ -436,7 +438,9 @@ def _wireguard_scenario(lab: UplinkLab, tmp_path: Path) -> None:
             await writer.drain()
             writer.close()
 
-        managers = [clinic, site, intruder]
+        # The site first: the clinic's tunnels then get answers to their very first
+        # handshakes, so one that left by the wrong line would be roamed to it (issue 4).
+        managers = [site, clinic, intruder]
         started = []
         server = None
         try:
@@ -462,6 +466,12 @@ def _wireguard_scenario(lab: UplinkLab, tmp_path: Path) -> None:
                 assert answer == str(len(payload)).encode()
                 assert after - before >= len(payload), f"tunnel {i} did not use uplink {i + 1}"
             assert seen == overlay  # identity: each tunnel's own overlay address
+            # Downloads too: the site reaches each clinic tunnel at its own line (read from
+            # the site's wireguard-go, after roaming), not where a first packet strayed.
+            endpoints = await asyncio.to_thread(uapi_peer_endpoints, site.tunnel_name(0))
+            assert [endpoints.get(base64.b64decode(k).hex()) for k in clinic_keys] == [
+                f"10.78.{i}.2:{51819 + i}" for i in (1, 2, 3)
+            ]
 
             # An unknown key: the site drops its handshakes, nothing gets through.
             stranger = intruder.bindings()[0]

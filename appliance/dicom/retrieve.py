@@ -35,6 +35,16 @@ MAX_SUBOPERATIONS = 65535
 # A requestor may propose at most 128 presentation contexts (PS3.8 9.3.2.2 item IDs 1-255).
 MAX_CONTEXTS = 128
 _UNCOMPRESSED = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
+_USUAL = (
+    *_UNCOMPRESSED,
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+)
 
 
 @dataclass(frozen=True)
@@ -52,7 +62,7 @@ def resolve(identifier: Dataset, model: str, reader: Reader) -> list[Item]:
     level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
     if level not in MODEL_LEVELS[model]:
         raise QueryError(status.QR_IDENTIFIER_MISMATCH, f"invalid QueryRetrieveLevel {level!r}")
-    values = _unique_values(identifier, _UNIQUE[level])
+    values = unique_values(identifier, _UNIQUE[level])
     if not values:
         raise QueryError(status.QR_IDENTIFIER_MISMATCH, f"{_UNIQUE[level]} required")
     items: list[Item] = []
@@ -79,7 +89,8 @@ def resolve(identifier: Dataset, model: str, reader: Reader) -> list[Item]:
     return items
 
 
-def _unique_values(identifier: Dataset, keyword: str) -> list[str]:
+def unique_values(identifier: Dataset, keyword: str) -> list[str]:
+    """The values of a unique key (a List of UID Matching: PS3.4 C.2.2.2.2)."""
     raw = identifier.get(keyword)
     if raw is None:
         return []
@@ -109,7 +120,14 @@ def load(store: Store, item: Item) -> RawInstance:
     else:
         if raw is None:  # deleted since the list was resolved
             log.warning("instance %s disappeared before it could be sent", item.uid)
-    return RawInstance(raw, item.sop_class_uid, item.uid, item.transfer_syntax)
+    sop_class, syntax = item.sop_class_uid, item.transfer_syntax
+    if raw is not None and not (syntax and sop_class):
+        # Listed by the central PACS before it arrived: the stored record knows.
+        with store.reader() as r:
+            record = r.instance(item.uid)
+        if record is not None:
+            sop_class, syntax = record.sop_class_uid, record.transfer_syntax
+    return RawInstance(raw, sop_class, item.uid, syntax)
 
 
 def move_contexts(items: list[Item]) -> list[PresentationContext]:
@@ -117,9 +135,13 @@ def move_contexts(items: list[Item]) -> list[PresentationContext]:
     uncompressed syntaxes as alternatives pynetdicom can convert to losslessly."""
     pairs: dict[str, list[str]] = {}
     for item in items:
+        if not item.sop_class_uid:
+            continue  # not known yet (listed by the central PACS without it): it will fail
         syntaxes = pairs.setdefault(item.sop_class_uid, [])
-        if item.transfer_syntax not in syntaxes:
-            syntaxes.append(item.transfer_syntax)
+        # Not known yet (listed by the central PACS): the syntaxes a PACS usually stores.
+        for ts in (item.transfer_syntax,) if item.transfer_syntax else _USUAL:
+            if ts not in syntaxes:
+                syntaxes.append(ts)
     contexts: list[PresentationContext] = []
     for sop_class, syntaxes in pairs.items():
         uncompressed = [ts for ts in syntaxes if ts in _UNCOMPRESSED]

@@ -42,7 +42,7 @@ from appliance.dicom.arrivals import END, WAIT, Arrivals, Failed
 from appliance.dicom.config import DicomConfig, DicomNode
 from appliance.dicom.fastpath import RawInstance
 from appliance.dicom.ingest import IngestError, prepare
-from appliance.dicom.sources import MeshAccess, UnionReader
+from appliance.dicom.sources import MeshAccess, UnionReader, central_answers, central_items
 from appliance.store import (
     CommitTimeout,
     PutOutcome,
@@ -130,10 +130,11 @@ class DicomNodeServer:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def _build_ae(self) -> GatewayAE:
-        fastpath.install()
-        cfg = self.cfg
-        ae = GatewayAE(ae_title=cfg.ae_title.strip())
+    @staticmethod
+    def _configure_ae(ae: AE, cfg: DicomConfig) -> None:
+        """The AE's settings from `cfg` (at build and on `apply`): title, PDU size,
+        association limit, timeouts, called/calling AE title checks."""
+        ae.ae_title = cfg.ae_title.strip()
         ae.maximum_pdu_size = cfg.max_pdu
         ae.maximum_associations = cfg.max_associations
         ae.acse_timeout = cfg.acse_timeout_s
@@ -142,6 +143,11 @@ class DicomNodeServer:
         ae.connection_timeout = cfg.acse_timeout_s
         ae.require_called_aet = cfg.strict_called_ae
         ae.require_calling_aet = [t.strip() for t in cfg.allowed_calling]
+
+    def _build_ae(self) -> GatewayAE:
+        fastpath.install()
+        ae = GatewayAE(ae_title=self.cfg.ae_title.strip())
+        self._configure_ae(ae, self.cfg)
         ae.add_supported_context(Verification, _QR_SYNTAXES)
         for cx in AllStoragePresentationContexts:
             # scu_role/scp_role True: accept a C-GET requestor's proposal to act as Storage
@@ -184,16 +190,7 @@ class DicomNodeServer:
         the next association. Returns the keys that need a restart (listen, port)."""
         restart = [key for key in ("listen", "port") if getattr(cfg, key) != getattr(self.cfg, key)]
         self.cfg = cfg
-        ae = self.ae
-        ae.ae_title = cfg.ae_title.strip()
-        ae.maximum_pdu_size = cfg.max_pdu
-        ae.maximum_associations = cfg.max_associations
-        ae.acse_timeout = cfg.acse_timeout_s
-        ae.dimse_timeout = cfg.dimse_timeout_s
-        ae.network_timeout = cfg.network_timeout_s
-        ae.connection_timeout = cfg.acse_timeout_s
-        ae.require_called_aet = cfg.strict_called_ae
-        ae.require_calling_aet = [t.strip() for t in cfg.allowed_calling]
+        self._configure_ae(self.ae, cfg)
         if self._server is not None:
             # pynetdicom gives each accepted association the server's AE title.
             self._server.ae_title = cfg.ae_title.strip()
@@ -345,19 +342,26 @@ class DicomNodeServer:
             log.exception("C-FIND failed")
             yield status.QR_UNABLE_TO_PROCESS, None
             return
+        ae_title = self.cfg.ae_title.strip()
+        extra = central_answers(self.mesh, q, event.identifier, rows, ae_title)
         log.info(
-            "[%s] C-FIND %s level %s: %d match(es)",
+            "[%s] C-FIND %s level %s: %d match(es)%s",
             getattr(event.assoc, "dicomesh_id", "-"),
             model,
             q.level,
             len(rows),
+            f", {len(extra)} more from the central PACS" if extra else "",
         )
-        ae_title = self.cfg.ae_title.strip()
         for row in rows:
             if event.is_cancelled:
                 yield status.CANCEL, None
                 return
             yield status.PENDING, query.answer(q, row, ae_title)
+        for ds in extra:
+            if event.is_cancelled:
+                yield status.CANCEL, None
+                return
+            yield status.PENDING, ds
 
     def _on_get(self, event: evt.Event) -> Iterator[Any]:
         """C-GET: sub-operations on the same association (PS3.4 C.4.3)."""
@@ -402,7 +406,8 @@ class DicomNodeServer:
     def _resolve(self, identifier: Dataset, model: str) -> list[retrieve.Item]:
         with self.store.reader() as reader:
             source = reader if self.mesh is None else UnionReader(reader, self.mesh.remote_reader())
-            return retrieve.resolve(identifier, model, source)
+            items = retrieve.resolve(identifier, model, source)
+        return central_items(self.mesh, identifier, items)
 
     def _arrivals(self, items: list[retrieve.Item]) -> Arrivals:
         """Instances held here first; the others are fetched from the mesh (one swarm

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any, Protocol
 
+from pydicom.dataset import Dataset
+
+from appliance.central import core as central_core
+from appliance.dicom.query import Query, Row
+from appliance.dicom.retrieve import Item, unique_values
 from appliance.store.records import InstanceRecord, PatientRecord, SeriesRecord, StudyRecord
+
+log = logging.getLogger(__name__)
 
 
 class MeshAccess(Protocol):
@@ -18,6 +26,80 @@ class MeshAccess(Protocol):
 
     def fetch(self, study_uid: str) -> Any:
         """Thread side: start or join a study's swarm download; an arrivals.Download."""
+
+    # Optional: `central`, a CentralAccess (None or absent: no central PACS).
+
+
+class CentralAccess(Protocol):
+    """The central PACS as the DICOM node reaches it (appliance.central.relay, thread side)."""
+
+    def find_threadsafe(self, identifier: Dataset, model: str) -> list[Dataset]:
+        """Its matches (via the replicas), [] when none answered in time."""
+
+    def stage_threadsafe(self, study_uid: str) -> list[central_core.ListedInstance] | None:
+        """The study's instances when it must come from the central PACS, else None."""
+
+
+def _central(mesh: MeshAccess | None) -> CentralAccess | None:
+    return getattr(mesh, "central", None) if mesh is not None else None
+
+
+def _row_key(level: str, row: Row) -> str:
+    if level == "PATIENT":
+        return str(row.patient.attrs.get("PatientID") or "")
+    record = {"STUDY": row.study, "SERIES": row.series, "IMAGE": row.instance}[level]
+    return record.uid if record is not None else ""
+
+
+def central_answers(
+    mesh: MeshAccess | None, query: Query, identifier: Dataset, rows: list[Row], ae_title: str
+) -> list[Dataset]:
+    """C-FIND responses for matches only the central PACS has: always at PATIENT and STUDY
+    level, at SERIES and IMAGE level when nothing here matched; de-duplicated against the
+    local rows by the level's unique key."""
+    central = _central(mesh)
+    if central is None or (query.level in ("SERIES", "IMAGE") and rows):
+        return []
+    try:
+        seen = {_row_key(query.level, row) for row in rows}
+        answers = central.find_threadsafe(identifier, query.model)
+        merged = central_core.merge(seen, answers, query.level)
+        return [central_core.project(query, ds, ae_title) for ds in merged]
+    except Exception as exc:  # the local results come back whatever the central side does
+        # The class only: a message could quote an attribute value (a patient name).
+        log.error("central C-FIND answers dropped: %s", exc.__class__.__name__)
+        return []
+
+
+def central_items(mesh: MeshAccess | None, identifier: Dataset, items: list[Item]) -> list[Item]:
+    """A retrieval's instances, with those of a study that must come from the central PACS
+    as the PACS lists them (STUDY level; SERIES and IMAGE level when nothing else matched and
+    the identifier names its study). Their transfer syntax is known once they land ("")."""
+    central = _central(mesh)
+    level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+    if central is None or level not in ("STUDY", "SERIES", "IMAGE"):
+        return items
+    if level != "STUDY" and items:
+        return items
+    studies = unique_values(identifier, "StudyInstanceUID")
+    if level != "STUDY":
+        studies = studies[:1]
+    series = set(unique_values(identifier, "SeriesInstanceUID")) if level != "STUDY" else None
+    sops = set(unique_values(identifier, "SOPInstanceUID")) if level == "IMAGE" else None
+    known = {item.uid: item for item in items}
+    out = list(items)
+    for study in studies:
+        listing = central.stage_threadsafe(study)
+        if listing is None:
+            continue
+        out = [item for item in out if item.study_uid != study]
+        for inst in listing:
+            if (series is not None and inst.series not in series) or (
+                sops is not None and inst.sop not in sops
+            ):
+                continue
+            out.append(known.get(inst.sop) or Item(inst.sop, inst.sop_class, "", study))
+    return out
 
 
 class UnionReader:

@@ -302,7 +302,7 @@ class StudyView:
         `sha256` is empty (the catalog carries its manifest digest, which pins the hash) and
         its `received_at` is `at`."""
         if not self.instances:
-            return None
+            return self._summary_records() if self.study else None
         series = {
             uid: SeriesRecord(uid, self.study_uid, dict(attrs))
             for uid, attrs in self.series.items()
@@ -341,18 +341,43 @@ class StudyView:
         )
         return patient, study, sorted(series.values(), key=lambda s: s.uid), instances
 
+    def _summary_records(
+        self,
+    ) -> tuple[PatientRecord, StudyRecord, list[SeriesRecord], list[InstanceRecord]]:
+        """A study described without instances (what the central PACS holds, published by a
+        replica: appliance/central): study-level records, the counts as the PACS gave them."""
+        attrs = self.study
+        study = StudyRecord(self.study_uid, self.patient_key, dict(attrs))
+        study.n_series = _count(attrs.get("NumberOfStudyRelatedSeries"))
+        study.n_instances = _count(attrs.get("NumberOfStudyRelatedInstances"))
+        modalities = attrs.get("ModalitiesInStudy") or []
+        modalities = modalities if isinstance(modalities, list) else [modalities]
+        study.modalities = {str(m): 1 for m in modalities if m}
+        patient = PatientRecord(
+            self.patient_key, dict(self.patient), 1, study.n_series, study.n_instances
+        )
+        return patient, study, [], []
+
+
+def _count(value: Any) -> int:
+    try:
+        return max(0, int(str(value or "0").strip() or 0))
+    except ValueError:
+        return 0
+
 
 def merge_view(study_uid: str, entries: Iterable[CatalogEntry]) -> StudyView:
     """Merge the entries of one study (any origins, both kinds, tombstones ignored).
 
-    Descriptions are ranked: one whose origin holds the study complete first, then the one
-    with the newest instance version (`at`), then by origin name (so every gateway picks the
-    same). Patient and study attributes and the patient key come from the best description;
-    a series' attributes from the best description listing that series. Instances are the
-    union of all descriptions. When descriptions disagree on an instance's manifest digest,
-    the instance was replaced (a corrected re-send, as in the local store): the version with
-    the latest `at` wins, then the one from the better-ranked description, then the higher
-    digest. The winning version's fields come from the best description carrying it.
+    Descriptions are ranked: those listing instances first, then one whose origin holds
+    the study complete, then the one with the newest instance version (`at`), then by
+    origin name (so every gateway picks the same). Patient and study attributes and the
+    patient key come from the best description; a series' attributes from the best
+    description listing that series. Instances are the union of all descriptions. When
+    descriptions disagree on an instance's manifest digest, the instance was replaced (a
+    corrected re-send, as in the local store): the version with the latest `at` wins, then
+    the one from the better-ranked description, then the higher digest. The winning
+    version's fields come from the best description carrying it.
     """
     latest: dict[tuple[str, str], CatalogEntry] = {}
     for e in entries:
@@ -368,10 +393,13 @@ def merge_view(study_uid: str, entries: Iterable[CatalogEntry]) -> StudyView:
     }
     descs = [e for e in latest.values() if e.kind == DESC and e.payload is not None]
 
-    def rank(e: CatalogEntry) -> tuple[bool, float, str]:
+    def rank(e: CatalogEntry) -> tuple[bool, bool, float, str]:
+        # A description without instances (a central PACS summary) ranks last: attributes
+        # come from the instances' holders whenever there are any.
+        described = bool(_payload(e)["instances"])
         complete = (holders.get(e.origin) or {}).get("state") == COMPLETE
         newest = max((_at(i) for i in _payload(e)["instances"].values()), default=0.0)
-        return complete, newest, e.origin
+        return described, complete, newest, e.origin
 
     descs.sort(key=rank, reverse=True)
     if not descs:

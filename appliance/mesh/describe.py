@@ -54,5 +54,7 @@ def holding(reader: Reader, study_uid: str) -> dict[str, Any] | None:
     size = study.bytes if study is not None else 0
     if record is None:
         return {"state": "complete", "instances": held, "of": held, "bytes": size}
-    total = json.loads(record).get("of", held)
-    return {"state": "partial", "instances": held, "of": max(total, held), "bytes": size}
+    fields = json.loads(record)
+    # "expect": the instance count the central PACS listed, for a study still filling from it.
+    total = max(fields.get("of", held), fields.get("expect", 0), held)
+    return {"state": "partial", "instances": held, "of": total, "bytes": size}

@@ -100,6 +100,17 @@ class MeshNode:
         # Useful bytes received per peer by finished downloads (running ones: downloads()).
         self.bytes_from_peer: Counter[str] = Counter()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Set by app.py with [central] on: downloads that may need the central PACS first.
+        self.central_fetch: Callable[[str], DownloadState] | None = None
+
+    def add_routes(self, register: Callable[[web.Application], None]) -> None:
+        """More mesh API routes (before start), e.g. the central broker's."""
+        register(self.server.app)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The loop the mesh runs on (None before start)."""
+        return self._loop
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -288,7 +299,14 @@ class MeshNode:
     # -- swarm downloads --------------------------------------------------------------------
 
     def fetch(self, study_uid: str) -> DownloadState:
-        """Start, or join, the swarm download of a study (loop side)."""
+        """Start, or join, the download of a study (loop side): through `central_fetch`
+        when set (it may fill the study from the central PACS first), else a swarm."""
+        if self.central_fetch is not None:
+            return self.central_fetch(study_uid)
+        return self.swarm_fetch(study_uid)
+
+    def swarm_fetch(self, study_uid: str) -> DownloadState:
+        """Start, or join, the swarm download of what the catalog describes of a study."""
         running = self._downloads.get(study_uid)
         if running is not None and not running.state.finished:
             return running.state
@@ -346,15 +364,17 @@ class MeshNode:
         per_uplink = ", ".join(
             f"{name} {n / 1e6:.1f} MB" for name, n in sorted(state.uplink_bytes.items())
         )
+        total = progress.bytes_total if progress else 0
         log.info(
             "fetch %s done: %d instance(s), %.1f MB in %.2f s (%.1f MB fetched twice, "
-            "%.1f MB corrupt)%s",
+            "%.1f MB corrupt, %.2f MB received beyond the study)%s",
             download.study_uid,
             len(state.instances_done),
-            (progress.bytes_total if progress else 0) / 1e6,
+            total / 1e6,
             time.monotonic() - started,
             (progress.duplicate_bytes if progress else 0) / 1e6,
             (progress.corrupt_bytes if progress else 0) / 1e6,
+            max(0, state.bytes_received - total) / 1e6,
             f"; received per uplink: {per_uplink}" if per_uplink else "",
         )
 

@@ -16,7 +16,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from aiohttp import web
@@ -32,7 +32,7 @@ from appliance.net.keys import KeyPair, load_or_create
 from appliance.net.monitor import UplinkMonitor
 from appliance.net.netlink import Netlink
 from appliance.net.reconcile import diff, teardown
-from appliance.net.wireguard import WgBackend, WgDevice, tunnel_peers, update_for
+from appliance.net.wireguard import WgBackend, WgDevice, WgUpdate, tunnel_peers, update_for
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,14 @@ class NetworkManager:
         """Bring tunnels, rules, routes and shapers to the desired state; return the number
         of changes made (0 when everything already was as desired)."""
         async with self._lock:
-            changes = await self._reconcile_tunnels()
+            # Order matters (issue 4): a tunnel sends its first handshake as soon as it has a
+            # peer and is up. Sent before its fwmark rule and its table exist, it leaves by the
+            # main table's line; the remote roams its endpoint there (WireGuard follows the
+            # last authenticated source) and answers there, and wireguard-go's sticky source
+            # (IP_PKTINFO address + ifindex of the last received packet) then pins all of that
+            # tunnel's UDP to that line for good, fwmark or not. So: devices first (keys, port,
+            # fwmark, link up, no peers: nothing sent), then routing, then peers.
+            changes, pending = await self._reconcile_devices()
             facts = []
             for i, up in enumerate(self.cfg.uplinks):
                 source = up.source or next(iter(await self._nl.ipv4_addresses(up.interface)), None)
@@ -206,6 +213,10 @@ class NetworkManager:
             observed = await self._nl.observe(self._tunnel_names())
             ops = diff(desired, observed)
             self.last_failures = await self._nl.apply(ops) if ops else 0
+            # A tunnel whose table has no default route yet (no address or lease on its line)
+            # waits for its peers: its marked UDP would fall through to the main table's line.
+            routed = {f.tunnel for f in facts if f.source is not None and f.gateway is not None}
+            changes += await self._reconcile_peers([p for p in pending if p[0].ifname in routed])
             return changes + len(ops)
 
     def _note_change(
@@ -229,13 +240,16 @@ class NetworkManager:
                 return i
         return 0
 
-    async def _reconcile_tunnels(self) -> int:
+    async def _reconcile_devices(self) -> tuple[int, list[tuple[WgUpdate, WgDevice]]]:
+        """Devices exist, are up and carry key, port and fwmark; returns the changes made and
+        the peer updates still to apply (after routing, see reconcile())."""
         if self._backend is None:
-            return 0
+            return 0, []
         if self._registry is not None:
             self._registry.reload_if_changed()
         peers = self._peers()
         changes = 0
+        pending: list[tuple[WgUpdate, WgDevice]] = []
         for i, up in enumerate(self.cfg.uplinks):
             ifname = self.tunnel_name(i)
             await self._backend.ensure_device(ifname)
@@ -248,17 +262,29 @@ class NetworkManager:
             )
             observed = await self._backend.read(ifname)
             update = update_for(desired, observed, self._applied.get(ifname))
+            device_part = replace(update, remove=(), upsert=())
+            if not device_part.empty:
+                await self._backend.apply(device_part)
+                changes += 1
+            if not await self._nl.is_up(ifname):
+                await self._nl.set_up(ifname)
+                changes += 1
+            pending.append((WgUpdate(ifname, remove=update.remove, upsert=update.upsert), desired))
+        return changes, pending
+
+    async def _reconcile_peers(self, pending: list[tuple[WgUpdate, WgDevice]]) -> int:
+        """Apply the peer updates of `_reconcile_devices` (routing is in place by now)."""
+        changes = 0
+        for update, desired in pending:
             if not update.empty:
+                assert self._backend is not None
                 await self._backend.apply(update)
                 changes += 1
                 log.info(
                     "tunnel %s: configured (%d peer(s), %d changed, %d removed)",
-                    ifname, len(desired.peers), len(update.upsert), len(update.remove),
+                    update.ifname, len(desired.peers), len(update.upsert), len(update.remove),
                 )  # fmt: skip
-            self._applied[ifname] = desired
-            if not await self._nl.is_up(ifname):
-                await self._nl.set_up(ifname)
-                changes += 1
+            self._applied[update.ifname] = desired
         return changes
 
     def _registry_peers(self) -> list[Peer]:

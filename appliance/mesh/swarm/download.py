@@ -55,6 +55,9 @@ class DownloadState:
     progress: Progress | None = None
     # Chunk bytes received per uplink (paths per uplink only), dropped paths included.
     uplink_bytes: Counter[str] = field(default_factory=Counter)
+    # Chunk bytes received on every path, including what cancelled or broken streams carried
+    # and duplicates: compared with the study's size it shows what the tail wasted.
+    bytes_received: int = 0
     error: str | None = None
     finished: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -132,6 +135,8 @@ class StudyDownload:
         self.state = DownloadState(study_uid)
         self._wake = asyncio.Event()
         self._fetches: dict[int, asyncio.Task] = {}
+        # Whole-chunk streams in flight: request id -> (its frame being read, peer, path).
+        self._streams: dict[int, tuple[StreamedFrame, Peer, str]] = {}
         self._writes: set[asyncio.Task] = set()
         self._instances: dict[str, _Instance] = {}
         self._by_chunk: dict[bytes, list[str]] = {}
@@ -146,6 +151,7 @@ class StudyDownload:
         self._holder_names: list[str] = []
         self._path_ends: dict[str, tuple[str, str | None]] = {}  # path -> (peer, uplink)
         self._paths_dirty = False
+        self._keep_record = False
 
     # -- the whole download --------------------------------------------------------------
 
@@ -177,6 +183,9 @@ class StudyDownload:
         wanted = [sop for sop in view.instances if sop not in done_local]
         self.state.instances_done.extend(done_local)
         self.state.notify()
+        # A study still filling from the central PACS (appliance/central) expects more
+        # instances than described yet: its record stays, so it is announced as partial.
+        self._keep_record = record.get("expect", 0) > len(view.instances)
         if not wanted:
             await self._finish(record_exists=bool(record))
             return
@@ -185,8 +194,8 @@ class StudyDownload:
         missing = [sop for sop in wanted if sop not in manifests]
         if missing:
             manifests.update(await self._fetch_manifests(holders, missing))
-        record = {"started": record.get("started", time.time()), "of": len(view.instances),
-                  "manifests": manifests}  # fmt: skip
+        record = {**record, "started": record.get("started", time.time()),
+                  "of": len(view.instances), "manifests": manifests}  # fmt: skip
         await asyncio.wrap_future(
             self.store.submit_download(self.study_uid, json.dumps(record).encode())
         )
@@ -352,6 +361,11 @@ class StudyDownload:
             want.update((name, (peer, up)) for name, up in self._paths_of(peer).items())
         for name in [n for n in self._path_ends if n not in want]:
             self._sched.remove_path(name, now)
+            # Salvage the chunks its streams were reading now, before the next actions()
+            # hands those chunks to other paths (a chunk asked again elsewhere is not kept).
+            for frame, peer, path in list(self._streams.values()):
+                if path == name:
+                    self._salvage(frame, peer)
             del self._path_ends[name]
             self._failing.pop(name, None)
             if self._uplinks is not None:
@@ -415,6 +429,7 @@ class StudyDownload:
         on_bytes = self._on_bytes(req, uplink)
         error: str | None = None
         frame = StreamedFrame()
+        self._streams[req.id] = (frame, peer, req.path)
         try:
             async for fetched in client.fetch_chunks(
                 list(req.chunks), on_bytes, zstd=self.cfg.wire_compression, frame=frame
@@ -434,6 +449,7 @@ class StudyDownload:
             raise
         finally:
             self._fetches.pop(req.id, None)
+            self._streams.pop(req.id, None)
         sched.on_request_end(req.id, self.clock(), error)
         if error is not None:
             self._salvage(frame, peer)  # after the end: the chunk is free again
@@ -442,10 +458,12 @@ class StudyDownload:
     def _on_bytes(self, req: Request, uplink: str | None) -> Callable[[int], None]:
         sched = self._sched
         assert sched is not None
-        counts = self.state.uplink_bytes
+        state = self.state
+        counts = state.uplink_bytes
 
         def on_bytes(n: int) -> None:
             sched.on_bytes(req.id, n, self.clock())
+            state.bytes_received += n
             if uplink is not None:
                 counts[uplink] += n
 
@@ -454,6 +472,7 @@ class StudyDownload:
     def _salvage(self, frame: StreamedFrame, peer: Peer) -> None:
         """Keep the received start of a chunk whose stream broke: the rest comes as pieces."""
         partial = frame.prefix()
+        frame.parts = []  # salvaged once: later calls for this stream find nothing
         if partial is None or self._sched is None:
             return
         digest, prefix = partial
@@ -580,7 +599,7 @@ class StudyDownload:
             await asyncio.gather(*list(self._writes))
         if self._failure is not None:
             raise self._failure
-        if record_exists:
+        if record_exists and not self._keep_record:
             await asyncio.wrap_future(self.store.submit_download(self.study_uid, None))
 
     @property
