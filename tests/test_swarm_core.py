@@ -178,6 +178,8 @@ def test_whole_chunks_leave_one_path_a_chunk_behind_and_pieces_end_them_together
         assert end == ODD_STUDY[req.chunks[0]] or end % PIECE == 0
     assert wasted(split, total) == 0
     assert not split.violations
+    # Pieces count as useful bytes of their peers once their chunk is assembled.
+    assert sum(split.sched.progress(split.now).peer_bytes.values()) == total
 
 
 @pytest.mark.parametrize("rates", [(0.3, 1.0, 1.7), (1.0, 1.0, 1.0, 1.0), (0.1, 2.0)])
@@ -207,16 +209,63 @@ def test_pieces_of_a_path_that_dies_go_to_the_others() -> None:
     assert sched.progress(sim.now).chunks_done == len(ODD_STUDY)
 
 
-def test_what_a_dying_path_sent_of_its_chunk_is_kept_and_the_rest_comes_as_pieces() -> None:
+@pytest.mark.parametrize("kind", ["die", "stall"])
+def test_what_a_lost_path_sent_of_its_chunk_is_kept_and_the_rest_comes_as_pieces(
+    kind: str,
+) -> None:
     paths, peers = sources([1 * MB] * 2)
-    t_die = 1.3  # r0 is part-way through its third chunk (0.52 s each)
-    paths[0] = SimPath("r0/adsl0", "r0", 1 * MB, events=(LinkEvent(t_die, "die"),))
+    t_lost = 1.3  # r0 is part-way through its third chunk (0.52 s each)
+    paths[0] = SimPath("r0/adsl0", "r0", 1 * MB, events=(LinkEvent(t_lost, kind),))
     _, sim = simulate(STUDY_40MB, paths, peers)
     assert sim.run()
-    after = [r for t, r in sim.requests if t >= t_die and r.span is not None]
+    after = [r for t, r in sim.requests if t >= t_lost and r.span is not None]
     assert after and min(r.span[0] for r in after) > 0  # the received start is not asked again
     # Only the tail of the broken chunk below a piece boundary was lost.
     assert wasted(sim, TOTAL_40MB) < PIECE
+
+
+def _stalled_part_way(tag: str) -> tuple[Scheduler, bytes, list]:
+    """r0 delivers 3 pieces and a bit of its first chunk, then falls silent; r1 (same
+    holdings) joins as r0 is found stalled. The chunk r0 was in and that actions() call."""
+    sched = Scheduler(study(6, tag=tag), config=SwarmConfig(initial_rate=1 * MB))
+    sched.set_peer_chunks("r0", None, 0.0)
+    sched.set_peer_chunks("r1", None, 0.0)
+    sched.add_path("r0/adsl0", "r0", 0.0)
+    (first,) = sched.actions(0.0)
+    assert isinstance(first, Request) and first.span is None
+    sched.on_bytes(first.id, 3 * PIECE + 100, 0.1)
+    sched.add_path("r1/adsl0", "r1", 0.1 + STALL)
+    stalled = sched.actions(0.1 + STALL)
+    assert Cancel(first.id, "r0/adsl0") in stalled
+    return sched, first.chunks[0], stalled
+
+
+def _deliver(sched: Scheduler, actions: Iterable, chunks: Mapping[bytes, int], now: float) -> None:
+    for a in actions:
+        if isinstance(a, Request) and a.span is None:
+            for c in a.chunks:
+                sched.on_bytes(a.id, chunks[c], now)
+                sched.on_chunk(a.id, c, True, now)
+
+
+def test_a_stalled_paths_part_way_chunk_waits_for_on_partial() -> None:
+    sched, head, stalled = _stalled_part_way("held")
+    # The chunk r0 was part-way through is held back from r1 in the call that found the stall.
+    assert not any(isinstance(a, Request) and head in a.chunks for a in stalled)
+    # Salvaged by the adapter as it carries out the Cancel: its whole pieces are kept and only
+    # the rest of the chunk is fetched, as pieces.
+    assert sched.on_partial(head, 3 * PIECE + 100, 0.1 + STALL) == 3 * PIECE
+    _deliver(sched, stalled, study(6, tag="held"), 0.15 + STALL)
+    later = [a for a in sched.actions(0.2 + STALL) if isinstance(a, Request) and head in a.chunks]
+    assert later and all(a.span is not None and a.span[0] >= 3 * PIECE for a in later)
+
+
+def test_a_held_chunk_nobody_salvaged_is_fetched_whole_at_the_next_call() -> None:
+    sched, head, stalled = _stalled_part_way("unsalvaged")
+    assert not any(isinstance(a, Request) and head in a.chunks for a in stalled)
+    _deliver(sched, stalled, study(6, tag="unsalvaged"), 0.15 + STALL)
+    again = [a for a in sched.actions(0.2 + STALL) if isinstance(a, Request) and head in a.chunks]
+    assert again and again[0].span is None
 
 
 def test_a_split_chunk_that_fails_assembly_is_fetched_whole_again() -> None:
@@ -234,6 +283,9 @@ def test_a_split_chunk_that_fails_assembly_is_fetched_whole_again() -> None:
         last_span = max(i for i, r in enumerate(after) if r.span is not None)
         assert after[-1].span is None and last_span < len(after) - 1  # then whole
     assert sched.progress(sim.now).corrupt_bytes >= len(spoiled) * CHUNK_BYTES
+    # Its pieces were never credited to it: they only ever went into spoiled assemblies.
+    assert sched.progress(sim.now).peer_bytes.get("r0", 0) == 0
+    assert sched.progress(sim.now).paths["r0/adsl0"].delivered_bytes == 0
 
 
 # -- failures ---------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import meshkit
 import pytest
 import storekit as kit
 
+from appliance.mesh import protocol
 from appliance.store.chunking import CHUNK_BYTES
 
 
@@ -138,11 +139,7 @@ def test_corrupt_peer_is_cut_off_and_its_chunks_fetched_elsewhere(tmp_path, capl
     study, items = _big_study(a.store, n=8)
     for item in items:  # X holds the same study, but every stored chunk is damaged
         x.store.put_instance(item.inc)
-    with x.store.db.env.begin(write=True) as txn:
-        for key, value in list(txn.cursor(db=x.store.db.tables.chunks)):
-            damaged = bytearray(value)
-            damaged[-1] ^= 0x55
-            txn.put(key, bytes(damaged), db=x.store.db.tables.chunks)
+    _damage_chunks(x)
 
     async def body():
         for s in (a, x, c):
@@ -166,6 +163,20 @@ def test_corrupt_peer_is_cut_off_and_its_chunks_fetched_elsewhere(tmp_path, capl
             assert c.store.read_instance(item.uid) == item.raw
     finally:
         meshkit.close(a, x, c)
+
+
+def _damage_chunks(site) -> None:
+    """Flip a byte every 4 KiB of every chunk `site` stores: whole chunks fail their check, and
+    so does any split chunk assembled with a piece of it, whichever piece that was (spoiling
+    only the last byte left its other pieces good, and the test then depended on which
+    pieces the tail gave it)."""
+    tables = site.store.db.tables
+    with site.store.db.env.begin(write=True) as txn:
+        for key, value in list(txn.cursor(db=tables.chunks)):
+            damaged = bytearray(value)
+            for at in range(0, len(damaged), 4096):
+                damaged[at] ^= 0x55
+            txn.put(key, bytes(damaged), db=tables.chunks)
 
 
 def test_dead_peer_work_moves_to_the_others(tmp_path):
@@ -251,22 +262,38 @@ def test_restart_resumes_without_fetching_verified_chunks_again(tmp_path):
         a.store.close()
 
 
-def _pieces_test_sites(tmp_path, damaged: bool):
-    """Two holders uploading at 2 MB/s each (site-x's chunks damaged if asked), a downloader
-    that never cuts site-x off, and a study of 13 chunks: the last ones are split."""
+def _pieces_test_sites(tmp_path, spoiled: bool):
+    """Two holders uploading at 2 MB/s each, a downloader that never cuts site-x off, and a
+    study of 13 chunks: the last ones are split. With `spoiled`, every piece site-x serves
+    is damaged (see _spoil_pieces)."""
     a, x, c = _sites(tmp_path, ("site-a", "127.0.0.81", {"upload_kbps": 16000}),
                      ("site-x", "127.0.0.82", {"upload_kbps": 16000}),
                      ("site-c", "127.0.0.83", {"bad_chunk_limit": 1000}))  # fmt: skip
     study, items = _big_study(a.store, n=13)
     for item in items:
         x.store.put_instance(item.inc)
-    if damaged:
-        with x.store.db.env.begin(write=True) as txn:
-            for key, value in list(txn.cursor(db=x.store.db.tables.chunks)):
-                spoiled = bytearray(value)
-                spoiled[-1] ^= 0x55
-                txn.put(key, bytes(spoiled), db=x.store.db.tables.chunks)
+    if spoiled:
+        _spoil_pieces(x)
     return (a, x, c), study, items
+
+
+def _spoil_pieces(site) -> None:
+    """`site` flips the last byte of every piece (span) it serves; its whole chunks stay
+    intact. So every split chunk it contributes a piece to fails its check, whichever piece it
+    was given, and it never runs out of chunks it may serve (whole chunks from a peer that
+    spoils them are not asked of it again, and could leave it no piece to serve at all)."""
+    server = site.node.server
+    frame_of = server._frame_blocking
+
+    def spoiled(digest: bytes, zstd_ok: bool, span: tuple[int, int] | None) -> bytes:
+        if span is None:
+            return frame_of(digest, zstd_ok, span)
+        frame = frame_of(digest, False, span)  # raw: the last byte is the piece's last byte
+        if len(frame) <= protocol.FRAME.size:
+            return frame  # MISSING: nothing to spoil
+        return frame[:-1] + bytes([frame[-1] ^ 0x55])
+
+    server._frame_blocking = spoiled
 
 
 def _fetch_from_both(sites, study):
@@ -288,7 +315,7 @@ def _fetch_from_both(sites, study):
 
 
 def test_the_last_chunks_come_in_pieces_from_both_holders(tmp_path):
-    sites, study, items = _pieces_test_sites(tmp_path, damaged=False)
+    sites, study, items = _pieces_test_sites(tmp_path, spoiled=False)
     a, x, c = sites
     try:
         state = _fetch_from_both(sites, study)
@@ -303,7 +330,7 @@ def test_the_last_chunks_come_in_pieces_from_both_holders(tmp_path):
 
 
 def test_a_split_chunk_spoiled_by_one_piece_is_fetched_whole(tmp_path, caplog):
-    sites, study, items = _pieces_test_sites(tmp_path, damaged=True)
+    sites, study, items = _pieces_test_sites(tmp_path, spoiled=True)
     x, c = sites[1:]
     caplog.set_level("INFO", logger="appliance.mesh.swarm.download")
     try:
@@ -311,6 +338,8 @@ def test_a_split_chunk_spoiled_by_one_piece_is_fetched_whole(tmp_path, caplog):
         assert state.error is None
         assert x.node.server.counters["pieces_served"] > 0
         assert any("failed its check" in r.getMessage() for r in caplog.records)
+        # Nobody is blamed for a spoiled assembly: its chunk is fetched whole instead.
+        assert state.progress.corrupt_bytes > 0 and "site-x" not in state.progress.cut_off
         for item in items:
             assert c.store.read_instance(item.uid) == item.raw
         assert kit.audit(c.store) == []

@@ -24,7 +24,9 @@ Event contract:
 - on_partial(digest, nbytes) -> kept: after the end (or cancel) of a stream that broke
   part-way through a chunk, its first nbytes having arrived. Unless another request already
   carries the chunk, it is split and the whole pieces among those bytes count as received;
-  the adapter keeps the first `kept` bytes for assembly.
+  the adapter keeps the first `kept` bytes for assembly. For a Cancel, report it when
+  carrying the Cancel out: a chunk a stalled path was part-way through is held back from the
+  other paths until then (until the next actions() call at the latest).
 - on_request_end(id, error): the response is over. error=None: chunks it did not deliver
   are re-queued and taken as no longer held by that peer until its next set_peer_chunks.
   error set (refused, reset, timeout): the path backs off and its other requests are cancelled.
@@ -47,8 +49,10 @@ How it decides:
   When a chunk arrives, every other request whose remaining chunks are all done is cancelled.
 - Stalls and failures: a path silent for stall_timeout_s with work outstanding, or whose
   request fails, backs off (path_retry_s, doubling, +-10 % seeded jitter); its requests are
-  cancelled and their chunks re-queued at once. After the backoff one probe chunk is sent;
-  once bytes flow the path gets work again at its last measured rate.
+  cancelled and their chunks re-queued at once, except a chunk it was part-way through (at
+  least one piece in), which waits for the adapter's on_partial so its start is kept. After
+  the backoff one probe chunk is sent; once bytes flow the path gets work again at its last
+  measured rate.
 - Corrupt chunks: the chunk is re-queued, never again from that peer; at bad_chunk_limit strikes
   the peer is cut off for ban_s (its requests cancelled, PeerCutOff emitted), then allowed again.
 - Tail: whole chunks leave the paths finishing up to one chunk apart (0.5 s for 512 KiB at
@@ -127,6 +131,11 @@ class Scheduler:
         self._duplicate_bytes = 0
         self._corrupt_bytes = 0
         self._whole_only: set[int] = set()  # split chunks that failed assembly
+        # Pieces delivered per split chunk, credited to their paths once it is assembled.
+        self._piece_credit: dict[int, list[tuple[PathRecord, int]]] = {}
+        # Heads of streams cancelled part-way by a backoff, kept from the other paths until the
+        # adapter salvages them (on_partial) or the next actions() call.
+        self._held: list[int] = []
         for d in have:
             i = pool.index.get(d)
             if i is not None and not pool.done[i]:
@@ -232,8 +241,8 @@ class Scheduler:
         if req.progress < size:
             path.meter.add(size - req.progress, now)
         path.failures = 0
-        path.delivered += size
-        self._peers[path.peer].bytes += size
+        # Unverified until assembled: a spoiled piece must not count as useful bytes.
+        self._piece_credit.setdefault(i, []).append((path, size))
         self._drop(req, i, received=True)
         self._close(req)
 
@@ -243,6 +252,9 @@ class Scheduler:
         cfg = self.config
         pool = self._pool
         i = pool.index.get(chunk)
+        if i is not None and i in self._held:
+            self._held.remove(i)
+            pool.release(i)
         if i is None or pool.done[i] or i in pool.pieces or i in self._whole_only:
             return 0
         if not cfg.piece_bytes or pool.copies[i]:
@@ -262,8 +274,12 @@ class Scheduler:
         if i is None or pool.done[i]:
             return
         if ok:
+            for path, size in self._piece_credit.pop(i, ()):
+                path.delivered += size
+                self._peers[path.peer].bytes += size
             self._complete(i, None)
         else:
+            self._piece_credit.pop(i, None)
             self._corrupt_bytes += pool.sizes[i]
             self._whole_only.add(i)
             pool.unsplit(i)
@@ -286,6 +302,9 @@ class Scheduler:
 
     def actions(self, now: float) -> list[Action]:
         """What to do now: call after every batch of events and at next_deadline()."""
+        held, self._held = self._held, []
+        for i in held:  # not salvaged since the last call: fetched again like any chunk
+            self._pool.release(i)
         self._tick(now)
         if self._pool.dirty:
             self._rebuild()
@@ -623,6 +642,7 @@ class Scheduler:
 
     def _complete(self, i: int, req: _Request | None) -> None:
         self._pool.mark_done(i)
+        self._piece_credit.pop(i, None)  # credited already, or the chunk came whole instead
         if req is not None:
             size = self._pool.sizes[i]
             req.path.delivered += size
@@ -668,7 +688,14 @@ class Scheduler:
 
     def _enter_backoff(self, path: PathRecord, now: float) -> None:
         for req in list(path.requests.values()):
+            head = self._salvageable(req)
             self._cancel(req)
+            if head is not None:
+                # Its received start can be kept (on_partial) only while no other request
+                # carries the chunk: the Cancel is carried out after this actions() call, so the
+                # chunk is held back until then instead of going to another path at once.
+                self._pool.take(head)
+                self._held.append(head)
         path.failures += 1
         cfg = self.config
         delay = min(cfg.path_retry_s * 2 ** min(path.failures - 1, 30), cfg.path_retry_max_s)
@@ -676,6 +703,18 @@ class Scheduler:
         path.retry_at = now + delay * self._rng.uniform(0.9, 1.1)
         self._timers_from = min(self._timers_from, path.retry_at)
         path.meter.reset()
+
+    def _salvageable(self, req: _Request) -> int | None:
+        """The chunk a whole-chunk request is part-way through, if at least one piece of it
+        arrived and on_partial could keep it."""
+        piece = self.config.piece_bytes
+        if not piece or req.span is not None or not req.pending or req.progress < piece:
+            return None
+        i = req.pending[0]
+        pool = self._pool
+        if pool.done[i] or i in pool.pieces or i in self._whole_only or pool.copies[i] != 1:
+            return None
+        return i
 
     def _cut_off(self, peer: Peer, now: float) -> None:
         peer.banned_until = now + self.config.ban_s

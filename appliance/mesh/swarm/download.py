@@ -413,6 +413,11 @@ class StudyDownload:
             task = asyncio.create_task(fetch(action, peer, client, uplink))
             self._fetches[action.id] = task
         elif isinstance(action, Cancel):
+            stream = self._streams.get(action.id)
+            if stream is not None:
+                # Now, before the next actions(): the scheduler holds a stalled path's part-way
+                # chunk back only until then (core: on_partial).
+                self._salvage(stream[0], stream[1])
             task = self._fetches.pop(action.id, None)
             if task is not None:
                 task.cancel()
