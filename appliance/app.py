@@ -236,6 +236,9 @@ def _build_central(
     if broker is not None:
         # Its share in, a replica swarms the rest from the other replicas over their LAN.
         broker.on_share_done = relay.fetch
+        # Instances in (the first one first), a replica announces its holding at once: the
+        # clinic swarms what is announced, and the publisher's debounce would add a second.
+        broker.on_arrived = lambda study: mesh.publish({study})
     return relay, broker
 
 

@@ -1,10 +1,14 @@
 """The central broker's I/O-free parts: config, shares, merging and projecting answers,
-catalog summaries of central studies and how the catalog and store show them."""
+catalog summaries of central studies and how the catalog and store show them; the order of
+a replica's retrieval (C-MOVE requests, its early announcement) with stand-ins for the PACS."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 
+import asynckit
 import pytest
 import storekit as kit
 from pydicom.dataset import Dataset
@@ -136,3 +140,80 @@ def test_holding_of_a_study_filling_from_the_central_pacs(tmp_path):
                                          "bytes": item.inc.manifest.size}  # fmt: skip
     finally:
         store.close()
+
+
+class _MoveAssociation:
+    """Stands in for a pynetdicom association with the central PACS: every C-MOVE request
+    succeeds with one completed sub-operation per SOP Instance UID asked for."""
+
+    def __init__(self) -> None:
+        self.is_established = True
+        self.requests: list[list[str]] = []
+
+    def send_c_move(self, ds, _destination, _context):
+        sops = ds.SOPInstanceUID
+        self.requests.append([sops] if isinstance(sops, str) else list(sops))
+        status = Dataset()
+        status.Status = 0x0000
+        status.NumberOfCompletedSuboperations = len(self.requests[-1])
+        status.NumberOfFailedSuboperations = 0
+        yield status, None
+
+    def release(self) -> None:
+        self.is_established = False
+
+
+def test_first_move_request_asks_for_one_instance_then_whole_batches():
+    from appliance.central.scu import CentralSCU
+
+    scu = CentralSCU(CentralConfig(enabled=True, move_batch=3), "REPL1", "REPL1")
+    assoc = _MoveAssociation()
+    scu._associate = lambda _context, _timeout: assoc
+    after: list[int] = []
+    pairs = [("1.2.3", f"1.2.4.{i}") for i in range(5)] + [("1.2.5", "1.2.6.1")]
+    assert scu.move("1.2.1", pairs, lambda done, _failed: after.append(done)) == (6, 0)
+    assert [len(r) for r in assoc.requests] == [1, 3, 1, 1]
+    assert after == [1, 4, 5, 6]
+    assert not assoc.is_established
+
+
+def test_replica_announces_its_holding_while_the_rest_of_its_share_is_moving():
+    from appliance.central.broker import CentralBroker
+
+    announced = threading.Event()
+    seen: list[bool] = []
+
+    class SCU:
+        stopping = False
+
+        def move(self, _study, pairs, on_batch):  # the broker's move thread
+            on_batch(1, 0)
+            seen.append(announced.wait(5))  # the loop announces while we are still moving
+            for n in range(2, len(pairs) + 1):
+                on_batch(n, 0)
+            return len(pairs), 0
+
+    calls: list[str] = []
+    running = [0, 0]  # now, at most
+
+    async def announce(study: str) -> None:
+        calls.append(study)
+        running[0] += 1
+        running[1] = max(running)
+        await asyncio.sleep(0.02)  # a publication takes a while: later batches pile up
+        running[0] -= 1
+        announced.set()
+
+    async def body() -> None:
+        broker = CentralBroker(SCU(), None, None, "pacs-r1", on_arrived=announce)
+        todo = [core.ListedInstance(f"1.2.4.{i}", "1.2.3", "") for i in range(4)]
+        await broker._retrieve("1.2.1", todo)
+        while broker._tasks:
+            await asyncio.sleep(0.01)
+        await broker.stop()
+
+    asynckit.run(body())
+    assert seen == [True]
+    # The first instance, then what came meanwhile: coalesced, one call at a time.
+    assert set(calls) == {"1.2.1"} and 2 <= len(calls) <= 4
+    assert running[1] == 1

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -46,14 +46,21 @@ class CentralBroker:
         catalog: Catalog | None,
         origin: str,
         on_share_done: Callable[[str], None] | None = None,
+        on_arrived: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         """`origin`: the catalog origin to publish the central PACS's holdings under;
-        `on_share_done(study)`: called (on the loop) once this replica's share is in."""
+        `on_share_done(study)`: called (on the loop) once this replica's share is in;
+        `on_arrived(study)`: awaited (on the loop) after each C-MOVE request of a retrieval
+        that brought instances (the first brings one), to announce our holding at once: the
+        clinic swarms what is announced (calls for one study never overlap)."""
         self.scu = scu
         self.store = store
         self.catalog = catalog
         self.origin = origin
         self.on_share_done = on_share_done
+        self.on_arrived = on_arrived
+        self._announcing: set[str] = set()  # studies with an on_arrived call running
+        self._announce_again: set[str] = set()  # ... and instances arrived meanwhile
         self._finds = ThreadPoolExecutor(max_workers=2, thread_name_prefix="central-find")
         self._moves = ThreadPoolExecutor(max_workers=1, thread_name_prefix="central-move")
         self._listings: OrderedDict[str, tuple[float, list[ListedInstance]]] = OrderedDict()
@@ -145,9 +152,17 @@ class CentralBroker:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         pairs = [(i.series, i.sop) for i in todo]
+        announced = 0
+
+        def on_batch(completed: int, _failed: int) -> None:  # the move thread
+            nonlocal announced
+            if completed > announced:
+                announced = completed
+                loop.call_soon_threadsafe(self._arrived, study_uid)
+
         try:
             done, failed = await loop.run_in_executor(
-                self._moves, self.scu.move, study_uid, pairs, None
+                self._moves, self.scu.move, study_uid, pairs, on_batch
             )
         except CentralError as exc:
             log.warning("central retrieval of %d instance(s) of %s failed: %s",
@@ -165,6 +180,28 @@ class CentralBroker:
                  study_uid, done, time.monotonic() - started, failed)  # fmt: skip
         if self.on_share_done is not None and study_uid not in self._wanted:
             self.on_share_done(study_uid)
+
+    def _arrived(self, study_uid: str) -> None:
+        if self.on_arrived is None:
+            return
+        if study_uid in self._announcing:
+            self._announce_again.add(study_uid)
+            return
+        self._announcing.add(study_uid)
+        self._spawn(self._announce(self.on_arrived, study_uid))
+
+    async def _announce(self, on_arrived: Callable[[str], Awaitable[None]], study: str) -> None:
+        try:
+            while True:
+                self._announce_again.discard(study)
+                try:
+                    await on_arrived(study)
+                except Exception as exc:  # the debounced publication follows anyway
+                    log.warning("announcing study %s failed: %s", study, exc)
+                if study not in self._announce_again:
+                    break
+        finally:
+            self._announcing.discard(study)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

@@ -41,6 +41,10 @@ from appliance.store import Store
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5  # between fill rounds: how often the replicas' new holdings are looked at
+# In a fill's first seconds, when the replicas announce their first instances and the time
+# to first image is made, holdings are looked at more often.
+START_POLL_S = 0.1
+START_POLL_FOR_S = 5.0
 PULL_TIMEOUT_S = 5.0
 ASSIGN_TIMEOUT_S = 10.0
 MAX_STALLS = 6
@@ -303,13 +307,15 @@ class _Fill:
         await self._update()
         if self._missing():
             await relay.assign(study, core.shares(listing, alive), total)
-        last_new, stalls = time.monotonic(), 0
+        assigned = last_new = time.monotonic()
+        stalls = 0
         while self._missing():
             await relay.pull_replicas()
             if not await loop.run_in_executor(None, self._describable) or not (
                 await self._follow(relay.mesh.swarm_fetch(study), plain=False)
             ):
-                await asyncio.sleep(POLL_S)
+                starting = time.monotonic() - assigned < START_POLL_FOR_S
+                await asyncio.sleep(START_POLL_S if starting else POLL_S)
             if await self._update():
                 last_new, stalls = time.monotonic(), 0
                 continue

@@ -102,20 +102,25 @@ class CentralSCU:
         on_batch: Callable[[int, int], None] | None = None,
     ) -> tuple[int, int]:
         """C-MOVE (series UID, SOP Instance UID) pairs to our `move_destination`, image level,
-        `move_batch` UIDs per request, one association; returns (completed, failed)
-        sub-operations. `on_batch(completed, failed)` after each request."""
+        one association; returns (completed, failed) sub-operations. The first request asks
+        for one instance (so it lands, and can be announced, before a whole batch is through),
+        the others for `move_batch` UIDs each. `on_batch(completed, failed)` after each."""
         by_series: dict[str, list[str]] = {}
         for series_uid, sop in instances:
             by_series.setdefault(series_uid, []).append(sop)
         context = StudyRootQueryRetrieveInformationModelMove
         assoc = self._associate(context, self.cfg.move_timeout_s)
         completed = failed = 0
+        size = 1
         try:
             for series_uid, sops in by_series.items():
-                for i in range(0, len(sops), self.cfg.move_batch):
+                i = 0
+                while i < len(sops):
                     if self.stopping:
                         raise CentralError("stopping")
-                    batch = sops[i : i + self.cfg.move_batch]
+                    batch = sops[i : i + size]
+                    i += len(batch)
+                    size = self.cfg.move_batch
                     ok, bad = self._move_batch(assoc, study_uid, series_uid, batch)
                     completed += ok
                     failed += bad
