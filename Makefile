@@ -29,15 +29,21 @@ lint: $(VENV)/.test
 bench: $(VENV)/.test
 	$(BIN)/python bench/ingest.py
 
-# Appliance images (image/README.md; not run in CI: minutes of downloads and emulation).
-# UPDATE_PUBKEY: the Ed25519 public key (PEM) update bundles must be signed with.
-image:
-	test -n "$(UPDATE_PUBKEY)" || { echo "set UPDATE_PUBKEY=path/to/update.pub" >&2; exit 2; }
-	image/build.sh amd64 $(UPDATE_PUBKEY) out/
-	image/build.sh arm64 $(UPDATE_PUBKEY) out/
+# Appliance images (image/README.md; not run in CI: minutes of downloads and emulation; as
+# root). UPDATE_PUBKEY: the Ed25519 public key (PEM) update bundles must be signed with.
+# IMAGE_ARCHS=amd64 builds the x86-64 image only.
+IMAGE_ARCHS ?= amd64 arm64
+IMAGE_OUT   ?= out
 
+image: $(VENV)/.runtime
+	test -n "$(UPDATE_PUBKEY)" || { echo "set UPDATE_PUBKEY=path/to/update.pub" >&2; exit 2; }
+	for arch in $(IMAGE_ARCHS); do \
+		PYTHON=$(BIN)/python image/build.sh $$arch $(UPDATE_PUBKEY) $(IMAGE_OUT) || exit 1; \
+	done
+
+# About 1-2 minutes under TCG on 2 cores (image/README.md).
 image-boot-test:
-	image/boot-test.sh out/dicomesh-amd64.qcow2
+	image/boot-test.sh $(IMAGE_OUT)/dicomesh-amd64.qcow2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -28,6 +28,11 @@ pytestmark = [
 ]
 
 TOLERANCE = 0.05
+# One TCP flow overflowing a tbf queue loses packets there; until the hole is repaired the
+# receiver holds up to a window (~200 KB here) out of order, then releases it at once. A
+# window boundary falling inside such a hole over-reads by that much (seen: +6 % over 3 s,
+# +11 % over 1.5 s), so single-flow rates are measured over longer windows.
+SINGLE_FLOW_S = 8.0
 # Counters that move when a stack sends or gets a reset or an ICMP error (RFC 793/1122).
 SILENT_KEYS = ("Tcp.OutRsts", "Tcp.EstabResets", "Tcp.AttemptFails", "Icmp.InMsgs", "Icmp.OutMsgs")
 
@@ -47,7 +52,7 @@ def expect(measured: float, nominal: float) -> None:
 
 
 def test_one_source_gets_its_uplink(lab4: Lab) -> None:
-    got = lab4.tcp_goodput(lab4.sources[:1])
+    got = lab4.tcp_goodput(lab4.sources[:1], seconds=SINGLE_FLOW_S)
     expect(got.bps, TCP_GOODPUT * ADSL_UP_X10)
 
 
@@ -170,7 +175,7 @@ def test_random_loss_drops_about_that_share() -> None:
         )
         assert 0.05 < share < 0.2, share
         lab.loss(s, 0)
-        clean = lab.tcp_goodput([s], seconds=1.5, warmup=1.0)
+        clean = lab.tcp_goodput([s], seconds=SINGLE_FLOW_S, warmup=2.0)
         expect(clean.bps, TCP_GOODPUT * ADSL_UP_X10)
 
 
