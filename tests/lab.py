@@ -35,6 +35,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import secrets
 import select
 import signal
@@ -369,6 +370,15 @@ class Lab:
         """True between ``cut`` and ``restore``."""
         return self.node(node).label in self._cut
 
+    def loss_counts(self, node: Node | str) -> tuple[int, int]:
+        """(IPv4 frames seen, frames dropped) by ``node``'s loss rules since `loss` set them."""
+        chain = f"loss_{self.node(node).label}"
+        text = _cmd(f"ip netns exec {self.hub} nft list chain bridge {self.prefix} {chain}")
+        counts = [int(m) for m in re.findall(r"counter packets (\d+)", text)]
+        if len(counts) != 2:
+            raise LabError(f"no loss rules on {chain}: {text!r}")
+        return counts[0], counts[1]
+
     def loss(self, node: Node | str, percent: float) -> None:
         """Drop ``percent`` % of IPv4 frames to and from ``node`` at random; 0 clears it."""
         n = self.node(node)
@@ -386,6 +396,7 @@ class Lab:
         script = f"add chain bridge {table} {chain}\nflush chain bridge {table} {chain}\n"
         if per_mille:
             script += (
+                f"add rule bridge {table} {chain} ether type ip counter\n"
                 f"add rule bridge {table} {chain} ether type ip "
                 f"numgen random mod 1000 < {per_mille} counter drop\n"
             )

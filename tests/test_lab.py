@@ -168,12 +168,15 @@ def test_random_loss_drops_about_that_share() -> None:
         s = lab.sources[0]
         lab.loss(s, 10)
         before = lab.snmp(s)
-        lab.tcp_goodput([s], seconds=1.5, warmup=0.5)
+        lab.tcp_goodput([s], seconds=3.0, warmup=0.5)
         after = lab.snmp(s)
-        share = (after["Tcp.RetransSegs"] - before["Tcp.RetransSegs"]) / (
+        seen, dropped = lab.loss_counts(s)
+        # Binomial: thousands of frames, so 10 % +- 3 % is many standard deviations wide.
+        assert seen > 1000 and 0.07 < dropped / seen < 0.13, (seen, dropped)
+        # TCP noticed (how much it resends varies a lot with when losses hit its window).
+        assert after["Tcp.RetransSegs"] - before["Tcp.RetransSegs"] > 0.02 * (
             after["Tcp.OutSegs"] - before["Tcp.OutSegs"]
         )
-        assert 0.05 < share < 0.2, share
         lab.loss(s, 0)
         clean = lab.tcp_goodput([s], seconds=SINGLE_FLOW_S, warmup=2.0)
         expect(clean.bps, TCP_GOODPUT * ADSL_UP_X10)
