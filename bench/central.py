@@ -85,6 +85,7 @@ from lab import (  # noqa: E402
     LabError,
     _cmd,
     delete_namespaces,
+    shape_egress,
     stop_processes,
 )
 from orthanc import ORTHANC_BINARY, Orthanc  # noqa: E402
@@ -220,11 +221,7 @@ class CentralLab:
         _cmd(f"ip -n {name} link set lo up")
 
     def _shape(self, ns: str, dev: str, bps: int) -> None:
-        burst = max(16_000, bps // 8 // 500)  # as tests/lab.py: a few frames, or 2 ms at rate
-        _cmd(
-            f"tc -n {ns} qdisc replace dev {dev} root tbf"
-            f" rate {bps}bit burst {burst} latency {self.latency_ms}ms"
-        )
+        shape_egress(ns, dev, bps, self.latency_ms)
 
     def _line(self, ns: str, n: int) -> None:
         """Line n from `ns` to the router: its upload shaped to `up_bps`, default route."""

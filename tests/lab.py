@@ -45,7 +45,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -279,14 +279,8 @@ class Lab:
         self._shape(self.downloader.ns, self.downloader.iface, self.downloader_up_bps)
 
     def _shape(self, ns: str, dev: str, bps: int | None) -> None:
-        if bps is None:
-            return
-        # Burst: a few full frames, or 2 ms at rate; tbf splits bigger GSO frames itself.
-        burst = max(16_000, bps // 8 // 500)
-        _cmd(
-            f"tc -n {ns} qdisc replace dev {dev} root tbf"
-            f" rate {bps}bit burst {burst} latency {self.latency_ms}ms"
-        )
+        if bps is not None:
+            shape_egress(ns, dev, bps, self.latency_ms)
 
     def close(self) -> None:
         """Stop our processes and delete our namespaces; idempotent, never raises mid-way."""
@@ -480,6 +474,50 @@ class Lab:
             for addr in end["peers"]
         }
         return Goodput(sum(per.values()), per, dt)
+
+
+def shape_egress(ns: str, dev: str, bps: int, latency_ms: int) -> None:
+    """tbf at `bps` on `dev`'s egress in `ns`, with a `latency_ms` queue (LAB.md)."""
+    # Burst: a few full frames, or 2 ms at rate; tbf splits bigger GSO frames itself.
+    burst = max(16_000, bps // 8 // 500)
+    _cmd(
+        f"tc -n {ns} qdisc replace dev {dev} root tbf"
+        f" rate {bps}bit burst {burst} latency {latency_ms}ms"
+    )
+
+
+@contextlib.contextmanager
+def when_grown(
+    counter: Callable[[], int], nbytes: int, action: Callable[[], None], poll_s: float
+) -> Iterator[list[float]]:
+    """Run `action` once `counter()` has grown by `nbytes` since entry (polled every
+    `poll_s` on a watcher thread); yields a list that then holds the seconds after entry at
+    which it ran. An exception from `action` is raised on exit."""
+    base = counter()
+    done = threading.Event()
+    fired: list[float] = []
+    errors: list[BaseException] = []
+
+    def watch() -> None:
+        start = time.monotonic()
+        while not done.wait(poll_s):  # bounded by the body: `done` is set when it ends
+            if counter() - base >= nbytes:
+                try:
+                    action()
+                except BaseException as exc:  # reported to the caller below
+                    errors.append(exc)
+                fired.append(time.monotonic() - start)
+                return
+
+    watcher = threading.Thread(target=watch, name="when-grown", daemon=True)
+    watcher.start()
+    try:
+        yield fired
+    finally:
+        done.set()
+        watcher.join(timeout=10)
+    if errors:
+        raise errors[0]
 
 
 def stop_processes(procs: Iterable[subprocess.Popen]) -> None:

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lab import FAMILY, LabError, _cmd, delete_namespaces, stop_processes
+from lab import FAMILY, LabError, _cmd, delete_namespaces, shape_egress, stop_processes
 
 UAPI_DIR = Path("/var/run/wireguard")
 BR_STATE_DISABLED, BR_STATE_FORWARDING = 0, 3
@@ -141,12 +141,8 @@ class UplinkLab:
             _cmd(f"ip -n {line.ns} route add default via {line.gateway}")
         _cmd(f"ip -n {self.clinic} route add default via {self.lines[0].gateway}")
         if self.down_bps is not None:
-            burst = max(16_000, self.down_bps // 8 // 500)
             for line in self.lines:
-                _cmd(
-                    f"tc -n {self.inet} qdisc replace dev {line.port} root tbf"
-                    f" rate {self.down_bps}bit burst {burst} latency {self.latency_ms}ms"
-                )
+                shape_egress(self.inet, line.port, self.down_bps, self.latency_ms)
 
     def close(self) -> None:
         """Stop our processes, delete our namespaces and UAPI sockets; idempotent."""

@@ -21,9 +21,8 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 from dcmtk import getscu, storescu
 from dicomfiles import dataset_bytes, sop_instance_uid
 from gateway import DICOMESH, REPO, Gateway
+from lab import when_grown
 from netlab import UplinkLab
 
 from appliance.mesh.peers import PEERS_FILE, Peer, add_peer
@@ -325,34 +325,9 @@ class BondedClinic:
         return True
 
 
-@contextlib.contextmanager
 def when_received(
     bonded: BondedClinic, nbytes: int, action: Callable[[], None]
-) -> Iterator[list[float]]:
+) -> contextlib.AbstractContextManager[list[float]]:
     """Run `action` once the clinic's lines together received `nbytes` more than on entry;
     yields a list that then holds the seconds after entry at which it ran."""
-    base = sum(bonded.rx_bytes())
-    done = threading.Event()
-    fired: list[float] = []
-    errors: list[BaseException] = []
-
-    def watch() -> None:
-        start = time.monotonic()
-        while not done.wait(0.1):  # bounded by the body: `done` is set when it ends
-            if sum(bonded.rx_bytes()) - base >= nbytes:
-                try:
-                    action()
-                except BaseException as exc:  # reported to the caller below
-                    errors.append(exc)
-                fired.append(time.monotonic() - start)
-                return
-
-    watcher = threading.Thread(target=watch, name="when-received", daemon=True)
-    watcher.start()
-    try:
-        yield fired
-    finally:
-        done.set()
-        watcher.join(timeout=10)
-    if errors:
-        raise errors[0]
+    return when_grown(lambda: sum(bonded.rx_bytes()), nbytes, action, 0.1)

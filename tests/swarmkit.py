@@ -31,9 +31,8 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ from typing import Any
 from dcmtk import getscu, storescu
 from dicomfiles import dataset_bytes, sop_instance_uid
 from gateway import DICOMESH, REPO, Gateway
-from lab import Lab, LabError, Node
+from lab import Lab, LabError, Node, when_grown
 
 MESH_PORT = 7480
 SYNC_INTERVAL_S = 0.5  # catalog pulls: the study is known a moment after it is stored
@@ -77,35 +76,12 @@ def wire_payload(paths: Iterable[Path]) -> int:
     return total
 
 
-@contextlib.contextmanager
-def at_received(lab: Lab, frame_bytes: int, action: Callable[[], None]) -> Iterator[list[float]]:
+def at_received(
+    lab: Lab, frame_bytes: int, action: Callable[[], None]
+) -> contextlib.AbstractContextManager[list[float]]:
     """Run ``action`` once the downloader's link has received ``frame_bytes`` more than on
     entry; yields a list that then holds the seconds after entry at which it ran."""
-    base = lab.link_bytes(lab.downloader)[0]
-    done = threading.Event()
-    fired: list[float] = []
-    errors: list[BaseException] = []
-
-    def watch() -> None:
-        start = time.monotonic()
-        while not done.wait(0.02):  # bounded by the body: `done` is set when it ends
-            if lab.link_bytes(lab.downloader)[0] - base >= frame_bytes:
-                try:
-                    action()
-                except BaseException as exc:  # reported to the caller below
-                    errors.append(exc)
-                fired.append(time.monotonic() - start)
-                return
-
-    watcher = threading.Thread(target=watch, name="at-received", daemon=True)
-    watcher.start()
-    try:
-        yield fired
-    finally:
-        done.set()
-        watcher.join(timeout=10)
-    if errors:
-        raise errors[0]
+    return when_grown(lambda: lab.link_bytes(lab.downloader)[0], frame_bytes, action, 0.02)
 
 
 class Swarm:
