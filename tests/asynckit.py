@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 
@@ -40,3 +40,12 @@ def run(coro: Coroutine[Any, Any, Any], *, max_block_s: float = 0.1) -> Any:
         asyncio_log.removeHandler(slow)
     assert not slow.messages, f"event loop blocked: {slow.messages}"
     return result
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 20.0, poll_s: float = 0.05) -> None:
+    """Wait on the running loop until `predicate()` holds; fail after `timeout` s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(poll_s)

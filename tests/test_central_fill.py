@@ -115,11 +115,7 @@ def _setup(tmp_path, items, study, delay_s: float):
 
 
 async def _until(predicate, timeout: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
+    await asynckit.until(predicate, timeout, 0.05)
 
 
 def test_clinic_swarms_replicas_while_they_fill(tmp_path):

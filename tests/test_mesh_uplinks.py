@@ -89,11 +89,7 @@ def _study(store, n: int = 16):
 
 
 async def _until(predicate, timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
+    await asynckit.until(predicate, timeout, 0.02)
 
 
 def _paths(state) -> set[str]:

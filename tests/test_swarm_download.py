@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import asynckit
 import meshkit
 import pytest
@@ -28,11 +26,7 @@ def _study(store, n: int = 6, multi: int = 1):
 
 
 async def _until(predicate, timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
+    await asynckit.until(predicate, timeout, 0.05)
 
 
 @pytest.fixture
