@@ -47,12 +47,6 @@ _SCP = textwrap.dedent(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def destination(
     port: int, out: Path, status: int = 0, delay: float = 0.0

@@ -116,22 +116,36 @@ class Orthanc:
         else:
             self.workdir = self._workdir_arg
             self.workdir.mkdir(parents=True, exist_ok=True)
-        config_path = self.workdir / "orthanc.json"
-        config_path.write_text(json.dumps(self.config(), indent=2))
-        self._logfile = self.log_path.open("wb")
         try:
-            self._proc = subprocess.Popen(
-                [self._binary, "--no-jobs", str(config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=self._logfile,
-                stderr=subprocess.STDOUT,
-                env=dcmtk_env(self._tcp_nodelay),
-            )
-            self._wait_ready()
+            # A port can still be taken between free_port() and Orthanc's bind (another
+            # process's server): then start again on new ports, a bounded number of times.
+            for attempt in range(3):
+                try:
+                    self._start()
+                    break
+                except RuntimeError:
+                    if attempt == 2 or "already in use" not in self._log_tail():
+                        raise
+                    self._stop_process()
+                    self.dicom_port, self.http_port = free_port(), free_port()
         except BaseException:
             self.close()
             raise
         return self
+
+    def _start(self) -> None:
+        assert self.workdir is not None
+        config_path = self.workdir / "orthanc.json"
+        config_path.write_text(json.dumps(self.config(), indent=2))
+        self._logfile = self.log_path.open("wb")
+        self._proc = subprocess.Popen(
+            [self._binary, "--no-jobs", str(config_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=self._logfile,
+            stderr=subprocess.STDOUT,
+            env=dcmtk_env(self._tcp_nodelay),
+        )
+        self._wait_ready()
 
     def __exit__(
         self,
@@ -143,15 +157,18 @@ class Orthanc:
 
     def close(self) -> None:
         """Stop Orthanc (terminate, wait, kill) and remove its temp dir if it made one."""
+        self._stop_process()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def _stop_process(self) -> None:
         if self._proc is not None:
             stop_process(self._proc, timeout=15.0)
             self._proc = None
         if self._logfile is not None:
             self._logfile.close()
             self._logfile = None
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
 
     def _wait_ready(self) -> None:
         assert self._proc is not None

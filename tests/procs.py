@@ -7,15 +7,50 @@ tests/ to sys.path to use them.
 
 from __future__ import annotations
 
+import random
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+# Ports handed out by this process: never handed out twice, even after their holder closed.
+_given: set[int] = set()
+
+
 def free_port(host: str = LOOPBACK) -> int:
-    """Return a TCP port that was free on ``host`` a moment ago (bind to port 0, close)."""
+    """Return a TCP port that was free on ``host`` a moment ago and that the kernel will not
+    pick for an outgoing connection.
+
+    Why not ``bind(0)``: that port comes from the ephemeral range, and between closing the
+    probe socket and the server binding it any outgoing connection (a client test, Orthanc's
+    own HTTP keep-alives) may take it, so a server under test failed with "already in use".
+    Ports are drawn at random below the ephemeral range instead.
+    """
+    low, _high = _ephemeral_range()
+    top = max(low - 1, 11000)
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(10000, top)
+        if port in _given:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]

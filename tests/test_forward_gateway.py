@@ -11,8 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dcmtk import storescu
-from forward_kit import destination, free_port, received, wait_until
+from forward_kit import destination, received, wait_until
 from gateway import DICOMESH, REPO, Gateway
+from procs import free_port
 from studygen import SeriesInfo
 
 N = 4

@@ -8,7 +8,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from forward_kit import destination, free_port, instance, received, wait_until
+from forward_kit import destination, instance, received, wait_until
+from procs import free_port
 
 from appliance.dicom.config import DicomConfig, DicomNode
 from appliance.forward.config import ForwardConfig, ForwardRule

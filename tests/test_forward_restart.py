@@ -11,7 +11,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from forward_kit import destination, free_port, kill9, received, wait_until
+from forward_kit import destination, kill9, received, wait_until
+from procs import free_port
 from test_forward_queue import FAST, dicom_cfg
 
 from appliance.forward.config import ForwardConfig, ForwardRule
