@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from io import BytesIO
+from pathlib import Path
 
 import pydicom.config
 import pytest
+from procs import free_port
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
@@ -26,11 +29,15 @@ from pynetdicom import association as pynetdicom_association
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode as pynetdicom_encode
-from pynetdicom.sop_class import Verification
+from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet, Verification
 
 from appliance.dicom import fastpath
+from appliance.dicom.config import DicomConfig
 from appliance.dicom.fastpath import RawInstance, encode_store_rsp
-from appliance.dicom.scp import GatewayAE
+from appliance.dicom.scp import DicomNodeServer, GatewayAE
+from appliance.store import Store
+from appliance.store.config import StoreConfig
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -248,3 +255,58 @@ def test_tune_association_on_a_loopback_association(installed: None, scu_kind: s
     for thread in set(_association_threads()) - before:
         thread.join(timeout=5)
     assert not set(_association_threads()) - before
+
+
+def test_node_server_shares_its_contexts_with_every_association(
+    installed: None, tmp_path: Path
+) -> None:
+    """The gateway's acceptor contexts (every storage class x every syntax) are not copied
+    per association (pynetdicom deep-copies them: ~40 ms before each A-ASSOCIATE-AC, on each
+    C-MOVE sub-association from a PACS), and sharing them changes no negotiation result:
+    a C-GET requestor still gets the SCP role for storage, each association its own."""
+    store = Store(StoreConfig(min_free_bytes=0), tmp_path / "store")
+    node = DicomNodeServer(DicomConfig(ae_title="SHARED", port=free_port(), listen=LOOPBACK), store)
+    node.start()
+    scu = AE(ae_title="SHARESCU")
+    scu.acse_timeout = scu.dimse_timeout = scu.network_timeout = 10
+    scu.add_requested_context(Verification)
+    scu.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    role = SCP_SCU_RoleSelectionNegotiation()
+    role.sop_class_uid = CTImageStorage
+    role.scu_role, role.scp_role = False, True
+    snapshot = [(str(cx), cx.scu_role, cx.scp_role) for cx in node.ae.supported_contexts]
+    seen: list[list[object]] = []
+    try:
+        for _ in range(2):
+            assoc = scu.associate(LOOPBACK, node.port, ae_title="SHARED", ext_neg=[role])
+            assert assoc.is_established
+            ct = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == CTImageStorage]
+            assert len(ct) == 1 and ct[0].as_scp, "C-GET requestor lost its SCP role"
+            assert assoc.send_c_echo().Status == 0x0000
+            acceptor = node.active_associations()[0].acceptor
+            seen.append(acceptor.supported_contexts)
+            assoc.release()
+            assert assoc.is_released
+            assert wait_for(lambda: not node.active_associations())
+        served = node._server.contexts  # type: ignore[union-attr]
+        by_id = {id(cx) for cx in served}
+        for contexts in seen:
+            assert len(contexts) == len(served)
+            assert {id(cx) for cx in contexts} == by_id, "contexts copied per association"
+        assert [(str(cx), cx.scu_role, cx.scp_role) for cx in node.ae.supported_contexts] == (
+            snapshot
+        ), "an association changed the shared contexts"
+    finally:
+        scu.shutdown()
+        node.stop(grace=5)
+        store.close()
+
+
+def wait_for(ready: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
