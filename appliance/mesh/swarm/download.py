@@ -152,6 +152,9 @@ class StudyDownload:
         self._path_ends: dict[str, tuple[str, str | None]] = {}  # path -> (peer, uplink)
         self._paths_dirty = False
         self._keep_record = False
+        # Per path: bytes received and when the first and the last arrived (the round's log
+        # line shows whether every holder's line was busy to the end).
+        self._path_span: dict[str, list[float]] = {}
 
     # -- the whole download --------------------------------------------------------------
 
@@ -292,6 +295,7 @@ class StudyDownload:
                 partial.append(peer)
         self._holder_names = [peer.name for peer, _complete in holders]
         self._sync_paths(now)
+        started = now
         await self._refresh_partial(partial)
         next_refresh = self.clock() + PARTIAL_REFRESH_S
         next_paths = self.clock() + PARTIAL_REFRESH_S
@@ -326,6 +330,10 @@ class StudyDownload:
                     await asyncio.wait_for(self._wake.wait(), timeout)
             self._wake.clear()
         self.state.progress = sched.progress(self.clock())
+        end = self.clock()
+        log.debug("[%s] per path: %s", self._tag, ", ".join(
+            f"{path} {n / 1e6:.2f} MB from +{first - started:.2f} s to -{end - last:.2f} s"
+            for path, (n, first, last) in sorted(self._path_span.items())))  # fmt: skip
 
     def _log_path_changes(self, progress: Progress) -> None:
         """One line when a path stops delivering (its chunks go to the others) or resumes."""
@@ -466,8 +474,15 @@ class StudyDownload:
         state = self.state
         counts = state.uplink_bytes
 
+        span = self._path_span.setdefault(req.path, [0.0, 0.0, 0.0])
+
         def on_bytes(n: int) -> None:
-            sched.on_bytes(req.id, n, self.clock())
+            now = self.clock()
+            sched.on_bytes(req.id, n, now)
+            if not span[0]:
+                span[1] = now
+            span[0] += n
+            span[2] = now
             state.bytes_received += n
             if uplink is not None:
                 counts[uplink] += n
