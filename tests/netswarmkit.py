@@ -5,7 +5,9 @@ health; for tests/test_net_swarm_lab.py and bench/bonding.py.
     clinic (3 uplinks, tunnels 10.90.1.1-3)  ==inet==  site j (1 line, tunnel 10.90.<j+1>.1)
 
 Rates are ADSL x10 (LAB.md): each clinic line downloads at `down_bps` (tbf on the ISP side,
-200 ms buffer); the sites' lines are not shaped, so the clinic's lines are the bottleneck.
+200 ms buffer); with `serve=True` its uploads are shaped too, by the gateway's own shaper
+(`[net.uplinks.shape]`, 95 % of `up_kbps` = `down_bps`), as when the clinic serves a study to
+a site. The sites' lines are not shaped, so the clinic's lines are the bottleneck.
 Every site admits the clinic (its three tunnel keys, addresses and endpoints) and the clinic
 admits every site, the way `dicomesh peer add` does it; keys are made before the start in
 the state directories, where the gateways load them from.
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dcmtk import getscu, storescu
+from dcmtk import findscu, getscu, storescu
 from dicomfiles import dataset_bytes, sop_instance_uid
 from gateway import DICOMESH, REPO, Gateway
 from lab import when_grown
@@ -66,6 +68,7 @@ class FetchRun:
     returncode: int
     output: str
     rx: list[int]  # per clinic uplink, config order
+    tx: list[int]  # sent per clinic uplink meanwhile
 
     @property
     def rx_total(self) -> int:
@@ -84,10 +87,12 @@ class BondedClinic:
         sites: int = 3,
         down_bps: int = LINE_BPS,
         mesh: dict[str, Any] | None = None,
+        serve: bool = False,
     ) -> None:
         self.workdir = workdir
         self.lab = UplinkLab(uplinks=uplinks, sites=sites, down_bps=down_bps, latency_ms=200)
         self.down_bps = down_bps
+        self.serve = serve
         self._mesh = {"sync_interval_s": 0.5, "wire_compression": False, **(mesh or {})}
         self.clinic: Gateway | None = None
         self.sites: list[Gateway] = []
@@ -140,6 +145,7 @@ class BondedClinic:
                 "up_kbps": self.down_bps // 1000,
                 "down_kbps": self.down_bps // 1000,
                 "overlay_address": clinic_overlay(i),
+                "shape": {"enabled": self.serve},
             }
             for i, line in enumerate(lab.lines, start=1)
         ]
@@ -206,9 +212,15 @@ class BondedClinic:
 
     # -- data -------------------------------------------------------------------------------
 
-    def store(self, study_dir: Path, sites: list[int] | None = None) -> None:
-        """C-STORE the study at the given sites' gateways (1-based; default all), at once."""
+    def store(
+        self, study_dir: Path, sites: list[int] | None = None, *, clinic: bool = False
+    ) -> None:
+        """C-STORE the study at the given sites' gateways (1-based; default all), at once;
+        with `clinic`, at the clinic only."""
         chosen = [self.sites[j - 1] for j in (sites or range(1, len(self.sites) + 1))]
+        if clinic:
+            assert self.clinic is not None
+            chosen = [self.clinic]
 
         def one(gw: Gateway) -> None:
             run = storescu(gw.host, gw.port, gw.ae_title, study_dir, wrapper=gw.tool_prefix)
@@ -260,12 +272,36 @@ class BondedClinic:
         }  # one `ip` run for all lines: it is polled while transfers are timed
         return [links[line.iface] for line in self.lab.lines]
 
-    def fetch(self, study_uid: str, timeout: float) -> FetchRun:
-        """`dicomesh fetch` at the clinic (on the host, over its control socket), timed."""
-        assert self.clinic is not None
-        cmd = [*DICOMESH, "fetch", "--config", str(self.clinic.config_path), study_uid]
+    def tx_bytes(self) -> list[int]:
+        """Bytes sent so far on each clinic uplink (`ip -json -s link`, from outside)."""
+        links = {
+            link["ifname"]: link["stats64"]["tx"]["bytes"]
+            for link in self.lab.ip_json(self.lab.clinic, "-s", "link", "show")
+        }
+        return [links[line.iface] for line in self.lab.lines]
+
+    def site_sees(self, study_uid: str, site: int, timeout: float = 30.0) -> None:
+        """Until site `site`'s C-FIND lists the study (its catalog has the clinic's entry)."""
+        gw = self.sites[site - 1]
+        deadline = time.monotonic() + timeout
+        while not any(
+            str(ds.get("StudyInstanceUID", "")) == study_uid
+            for ds in findscu(gw.host, gw.port, gw.ae_title, [
+                "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study_uid}"],
+                timeout=30, wrapper=gw.tool_prefix)
+        ):  # fmt: skip
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"site{site} does not list {study_uid} after {timeout} s")
+            time.sleep(0.3)
+
+    def fetch(self, study_uid: str, timeout: float, *, site: int | None = None) -> FetchRun:
+        """`dicomesh fetch` at the clinic, or at site `site` (on the host, over the gateway's
+        control socket), timed; with what each clinic line received and sent meanwhile."""
+        gw = self.clinic if site is None else self.sites[site - 1]
+        assert gw is not None
+        cmd = [*DICOMESH, "fetch", "--config", str(gw.config_path), study_uid]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        rx0 = self.rx_bytes()
+        rx0, tx0 = self.rx_bytes(), self.tx_bytes()
         start = time.monotonic()
         proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
@@ -279,15 +315,18 @@ class BondedClinic:
                                f"{output[-300:]!r}") from None  # fmt: skip
         seconds = time.monotonic() - start
         rx = [b - a for a, b in zip(rx0, self.rx_bytes(), strict=True)]
-        return FetchRun(seconds, proc.returncode, output, rx)
+        tx = [b - a for a, b in zip(tx0, self.tx_bytes(), strict=True)]
+        return FetchRun(seconds, proc.returncode, output, rx, tx)
 
-    def mismatches(self, originals: list[Path], outdir: Path) -> list[str]:
-        """C-GET the study from the clinic (getscu in its namespace) and compare every
-        instance's data set with the originals; the differences found."""
+    def mismatches(
+        self, originals: list[Path], outdir: Path, *, site: int | None = None
+    ) -> list[str]:
+        """C-GET the study from the clinic, or from site `site` (getscu in its namespace),
+        and compare every instance's data set with the originals; the differences found."""
         import pydicom
 
-        assert self.clinic is not None
-        gw = self.clinic
+        gw = self.clinic if site is None else self.sites[site - 1]
+        assert gw is not None
         study_uid = str(pydicom.dcmread(originals[0], stop_before_pixels=True).StudyInstanceUID)
         keys_ = ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study_uid}"]
         got = getscu(gw.host, gw.port, gw.ae_title, keys_, outdir, timeout=120,

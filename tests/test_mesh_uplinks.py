@@ -17,6 +17,7 @@ import storekit as kit
 
 from appliance.mesh.node import MeshNode
 from appliance.mesh.peers import PEERS_FILE, Peer, add_peer
+from appliance.mesh.swarm.download import pair_paths
 from appliance.mesh.uplinks import MeshNetwork
 from appliance.net.binding import UplinkBinding, tcp_connector
 from appliance.store.chunking import CHUNK_BYTES
@@ -174,3 +175,23 @@ def test_without_usable_uplinks_one_unbound_path_per_peer(tmp_path):
             assert clinic.store.read_instance(item.uid) == item.raw
     finally:
         meshkit.close(holder, clinic)
+
+
+def test_paths_pair_every_line_at_both_ends():
+    """max(our lines, its tunnels) paths; path k from our uplink k mod L to its address k mod
+    R: no line on either side is left without a path, none gets two while another has none."""
+    one_tunnel = pair_paths("site", ["a1", "a2", "a3"], 1)
+    assert one_tunnel == {"site@a1": ("a1", 0), "site@a2": ("a2", 0), "site@a3": ("a3", 0)}
+    # A one-line site fetching from a three-line clinic: the clinic's three uploads serve.
+    assert pair_paths("clinic", ["dsl"], 3) == {
+        "clinic@dsl>0": ("dsl", 0), "clinic@dsl>1": ("dsl", 1), "clinic@dsl>2": ("dsl", 2),
+    }  # fmt: skip
+    assert sorted(pair_paths("c", ["a1", "a2", "a3"], 3).values()) == [
+        ("a1", 0), ("a2", 1), ("a3", 2),
+    ]  # fmt: skip
+    for lines, tunnels in [(2, 3), (3, 2), (1, 1), (4, 3)]:
+        uplinks = [f"u{i}" for i in range(lines)]
+        paths = pair_paths("p", uplinks, tunnels)
+        assert len(paths) == max(lines, tunnels)
+        assert {u for u, _r in paths.values()} == set(uplinks)
+        assert {r for _u, r in paths.values()} == set(range(tunnels))

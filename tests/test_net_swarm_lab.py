@@ -60,6 +60,7 @@ DETECT_S = 2.5
 # Each line carries its share of what the clinic received within this (ideal: 1/LINES).
 SHARE_TOLERANCE = 0.08
 FETCH_TIMEOUT = 120.0
+SHAPED = 0.95  # the gateway's upload shaper: 95 % of up_kbps (= the line's rate here)
 
 
 def ideal(payload: int, lines: float) -> float:
@@ -72,20 +73,22 @@ def ideal_after_cut(payload: int) -> float:
 
 @pytest.fixture(scope="module")
 def bonded(tmp_path_factory) -> Iterator[tuple[BondedClinic, dict[str, StudyInfo]]]:
-    """The clinic and 3 sites, each site holding studies "a", "b" and "c"."""
+    """The clinic and 3 sites, each site holding studies "a", "b" and "c"; the clinic holds
+    "d" (to serve to a site) and shapes its uploads with its own shaper."""
     root = tmp_path_factory.mktemp("bonded")
     studies: dict[str, StudyInfo] = {}
-    for n, name in enumerate("abc"):
+    for n, name in enumerate("abcd"):
         directory = root / f"study-{name}"
         directory.mkdir()
-        size = STUDY_BYTES if name != "c" else STUDY_BYTES // 3
+        size = STUDY_BYTES if name in "ab" else STUDY_BYTES // 3
         studies[name] = generate_study(directory, target_bytes=size, seed=400 + n)
-    with BondedClinic(root / "gw") as b:
+    with BondedClinic(root / "gw", serve=True) as b:
         prefix = b.lab.prefix
-        for name in studies:
+        for name in "abc":
             b.store(root / f"study-{name}")
-        for info in studies.values():
-            b.wait_held(info.study_uid, len(info.paths))
+        b.store(root / "study-d", clinic=True)
+        for name in "abc":
+            b.wait_held(studies[name].study_uid, len(studies[name].paths))
         yield b, studies
     assert leftovers(prefix) == [] and uapi_sockets(prefix) == []
 
@@ -234,3 +237,27 @@ def test_a_restored_uplink_carries_paths_again(bonded, tmp_path) -> None:
     assert _shares_off(run.rx) == [], line
     assert run.seconds <= BOUND * yardstick + STARTUP_S, line
     assert _endpoints_off_their_line(b) == []  # the cut and restore moved no tunnel
+
+
+def test_a_one_line_site_is_served_over_all_three_clinic_uploads(bonded, tmp_path) -> None:
+    """Serving: a site with one line fetches a study only the clinic holds. Its swarm has one
+    path per clinic tunnel (README, address plan), so the clinic's three uploads, each shaped
+    by the gateway's own tbf at 95 % of the line, carry a third each."""
+    b, studies = bonded
+    info = studies["d"]
+    assert b.wait_usable("adsl1", timeout=15), "adsl1 never came back"
+    b.site_sees(info.study_uid, site=1)
+    run = b.fetch(info.study_uid, FETCH_TIMEOUT, site=1)
+    assert run.returncode == 0, run.output[-1000:] + b.sites[0].log()[-4000:]
+    (tmp_path / "got").mkdir()
+    assert b.mismatches(info.paths, tmp_path / "got", site=1) == []
+    yardstick = ideal(info.total_bytes, LINES * SHAPED)
+    tx = ", ".join(f"adsl{i} {t / 1e6:.1f} MB" for i, t in enumerate(run.tx, start=1))
+    line = (
+        f"served: {info.total_bytes / 1e6:.1f} MB in {run.seconds:.2f} s, ideal "
+        f"{yardstick:.2f} s (x{run.seconds / yardstick:.3f}); sent {tx}"
+    )
+    print("\n" + line)
+    assert sum(run.tx) >= info.total_bytes, line  # the payload left over the lines
+    assert _shares_off(run.tx) == [], line
+    assert run.seconds <= BOUND * yardstick + STARTUP_S, line

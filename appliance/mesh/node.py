@@ -157,8 +157,9 @@ class MeshNode:
         usable = self.network.usable() if self.network is not None else []
         return self.path_client(peer, usable[0].uplink if usable else None)
 
-    def path_client(self, peer: Peer, uplink: str | None) -> PeerClient:
-        """The client for a peer over one uplink (None: from `[mesh] address`, unbound),
+    def path_client(self, peer: Peer, uplink: str | None, remote: int | None = None) -> PeerClient:
+        """The client for a peer over one uplink (None: from `[mesh] address`, unbound) to
+        its tunnel address `remote` (None: the one paired with the uplink's index),
         recreated when the peer's registry entry or the uplink's address changed."""
         found = None
         if uplink is not None and self.network is not None:
@@ -166,7 +167,9 @@ class MeshNode:
         if found is None:
             uplink = None
         source = found[1].source if found is not None else self.cfg.address
-        key = (peer.name, uplink)
+        if found is not None and remote is None:
+            remote = found[0]
+        key = (peer.name, uplink, remote)
         current = self._clients.get(key)
         if current is None or current.peer != peer or current.local_address != source:
             if current is not None:
@@ -174,16 +177,17 @@ class MeshNode:
             if found is None or self.network is None:
                 current = PeerClient(peer, source, self._verifier)
             else:
-                # Local uplink i talks to the peer's tunnel address i (mod its count): with
-                # several lines at both ends, every pair of lines carries a path.
+                # By default local uplink i talks to the peer's tunnel address i (mod its
+                # count); the swarm names the address for each of its paths.
                 index, binding = found
                 current = PeerClient(
                     peer,
                     source,
                     self._verifier,
                     connector=self.network.connector(binding, CONNECTIONS_PER_PATH),
-                    address=peer.addresses[index % len(peer.addresses)],
-                )
+                    address=peer.addresses[(index if remote is None else remote)
+                                           % len(peer.addresses)],
+                )  # fmt: skip
             self._clients[key] = current
         return current
 

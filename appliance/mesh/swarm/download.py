@@ -117,13 +117,14 @@ class StudyDownload:
         client: Callable[[Peer], PeerClient],
         io: Executor,
         clock: Callable[[], float] = time.monotonic,
-        path_client: Callable[[Peer, str | None], PeerClient] | None = None,
+        path_client: Callable[[Peer, str | None, int], PeerClient] | None = None,
         uplinks: Callable[[], list[str]] | None = None,
     ) -> None:
         """`client(peer)`: for manifests and `have` queries. `uplinks()`: the uplinks usable
-        now; with it, the swarm has one path per (peer, uplink) whose chunk requests go
-        through `path_client(peer, uplink)`; without it (or while it lists none), one path
-        per peer through `client(peer)`."""
+        now; with it, the swarm's paths to a peer pair our uplinks with the peer's tunnel
+        addresses (`_paths_of`) and their chunk requests go through
+        `path_client(peer, uplink, address index)`; without it (or while it lists none), one
+        path per peer through `client(peer)`."""
         self.study_uid = study_uid
         self.cfg = cfg
         self.store = store
@@ -149,7 +150,8 @@ class StudyDownload:
         self._path_client = path_client
         self._uplinks = uplinks
         self._holder_names: list[str] = []
-        self._path_ends: dict[str, tuple[str, str | None]] = {}  # path -> (peer, uplink)
+        # path -> (peer, our uplink, index of the peer's tunnel address)
+        self._path_ends: dict[str, tuple[str, str | None, int]] = {}
         self._paths_dirty = False
         self._keep_record = False
         # Per path: bytes received and when the first and the last arrived (the round's log
@@ -352,21 +354,22 @@ class StudyDownload:
         self._paths_dirty = True
         self._wake.set()
 
-    def _paths_of(self, peer: str) -> dict[str, str | None]:
-        """The paths to `peer`: one per usable uplink, or one unbound (no uplinks known)."""
+    def _paths_of(self, peer: str) -> dict[str, tuple[str | None, int]]:
+        """The paths to `peer` now (see `pair_paths`); one unbound path without uplinks."""
         uplinks = self._uplinks() if self._uplinks is not None else []
         if not uplinks:
-            return {f"{peer}/default": None}
-        return {f"{peer}@{uplink}": uplink for uplink in uplinks}
+            return {f"{peer}/default": (None, 0)}
+        record = self.registry.get(peer)
+        return pair_paths(peer, uplinks, len(record.addresses) if record is not None else 1)
 
     def _sync_paths(self, now: float) -> None:
         """Make the scheduler's paths those of the usable uplinks. A dropped path's requests
         are cancelled and their chunks re-queued at once (core: remove_path)."""
         assert self._sched is not None
         first = not self._path_ends
-        want: dict[str, tuple[str, str | None]] = {}
+        want: dict[str, tuple[str, str | None, int]] = {}
         for peer in self._holder_names:
-            want.update((name, (peer, up)) for name, up in self._paths_of(peer).items())
+            want.update((name, (peer, *ends)) for name, ends in self._paths_of(peer).items())
         for name in [n for n in self._path_ends if n not in want]:
             self._sched.remove_path(name, now)
             # Salvage the chunks its streams were reading now, before the next actions()
@@ -385,10 +388,10 @@ class StudyDownload:
                 if self._uplinks is not None and not first:
                     log.info("[%s] path %s joined: its uplink is up", self._tag, name)
 
-    def _client(self, peer: Peer, uplink: str | None) -> PeerClient:
+    def _client(self, peer: Peer, uplink: str | None, remote: int) -> PeerClient:
         if self._path_client is None:
             return self.client(peer)
-        return self._path_client(peer, uplink)
+        return self._path_client(peer, uplink, remote)
 
     async def _refresh_partial(self, peers: list[Peer]) -> None:
         """Ask partial holders which of the chunks we still need they hold now."""
@@ -409,14 +412,14 @@ class StudyDownload:
 
     def _act(self, action: Request | Cancel | PeerCutOff) -> None:
         if isinstance(action, Request):
-            peer_name, uplink = self._path_ends.get(action.path, ("", None))
+            peer_name, uplink, remote = self._path_ends.get(action.path, ("", None, 0))
             peer = self.registry.get(peer_name)
             if peer is None:  # revoked meanwhile: the request ends at once
                 assert self._sched is not None
                 self._sched.on_request_end(action.id, self.clock(), "peer revoked")
                 self._wake.set()
                 return
-            client = self._client(peer, uplink)
+            client = self._client(peer, uplink, remote)
             fetch = self._fetch if action.span is None else self._fetch_span
             task = asyncio.create_task(fetch(action, peer, client, uplink))
             self._fetches[action.id] = task
@@ -625,6 +628,23 @@ class StudyDownload:
     @property
     def _tag(self) -> str:
         return f"fetch {self.study_uid}"
+
+
+def pair_paths(peer: str, uplinks: list[str], remotes: int) -> dict[str, tuple[str, int]]:
+    """Swarm paths to a peer with `remotes` tunnel addresses over our `uplinks`, name ->
+    (our uplink, the peer's address index): max(L, R) paths, path k from our uplink k mod L to
+    its address k mod R, so every line at both ends carries one (a one-line site fetching
+    from a three-line clinic uses the clinic's three uploads; three lines on each side pair
+    line i with line i)."""
+    remotes = max(1, remotes)
+    paths: dict[str, tuple[str, int]] = {}
+    for k in range(max(len(uplinks), remotes)):
+        uplink, remote = uplinks[k % len(uplinks)], k % remotes
+        # Named by both ends when the peer has several tunnels: a name keeps its meaning
+        # when one of our uplinks goes and the pairing shifts.
+        name = f"{peer}@{uplink}" if remotes == 1 else f"{peer}@{uplink}>{remote}"
+        paths[name] = (uplink, remote)
+    return paths
 
 
 def _sha256(data: bytes) -> bytes:
