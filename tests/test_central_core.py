@@ -217,3 +217,22 @@ def test_replica_announces_its_holding_while_the_rest_of_its_share_is_moving():
     # The first instance, then what came meanwhile: coalesced, one call at a time.
     assert set(calls) == {"1.2.1"} and 2 <= len(calls) <= 4
     assert running[1] == 1
+
+
+def test_single_study_only_for_a_query_of_exactly_one_uid():
+    def ask(**keys) -> Dataset:
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "STUDY"
+        for name, value in keys.items():
+            setattr(ds, name, value)
+        return ds
+
+    uid = "1.2.826.0.1.3680043.8.498.1"
+    assert core.single_study(ask(StudyInstanceUID=uid, PatientID="", StudyDate="")) == uid
+    # Wildcards, lists, no UID, or another key narrowing the match: an empty answer to
+    # these does not say the study is gone.
+    assert core.single_study(ask(StudyInstanceUID="1.2.826.*")) is None
+    assert core.single_study(ask(StudyInstanceUID="1.2.8?6.1")) is None
+    assert core.single_study(ask(StudyInstanceUID=[uid, "1.2.3"])) is None
+    assert core.single_study(ask(StudyInstanceUID="")) is None
+    assert core.single_study(ask(StudyInstanceUID=uid, StudyDate="20260101")) is None

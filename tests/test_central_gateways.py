@@ -193,6 +193,45 @@ def test_clinic_find_lists_central_only_studies(
         assert "PHANTOM" not in text and "DCMESH-TEST" not in text  # no patient attributes
 
 
+def test_a_study_deleted_from_the_pacs_leaves_the_mesh_catalog(
+    gateway_factory, tmp_path, central_series
+):
+    """The replica published the study as held by the central PACS; once the PACS deleted
+    it, the next query for that study (or its listing) finds nothing and the replica
+    withdraws its entries: the clinic stops listing it, from the catalog alone too."""
+    with Orthanc(tmp_path / "pacs") as pacs:
+        site = _Site(gateway_factory, pacs, 1)
+        clinic, replica = site.clinic, site.replicas[0]
+        assert storescu(pacs.host, pacs.dicom_port, pacs.ae_title, central_series.paths).ok
+        uid = central_series.study_uid
+        answers = findscu(clinic.host, clinic.port, clinic.ae_title, STUDY_KEYS, timeout=30)
+        assert _study_uids(answers) == [uid]
+
+        found = pacs.post("/tools/lookup", uid.encode())
+        study_id = next(r["ID"] for r in found if r["Type"] == "Study")
+        req = urllib.request.Request(f"{pacs.url}/studies/{study_id}", method="DELETE")
+        with _NO_PROXY.open(req, timeout=10):
+            pass
+        assert pacs.instances_count() == 0
+
+        one = ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={uid}"]
+        # The clinic still has the published summary until the withdrawal reaches it; the
+        # replica's own query of the PACS answers nothing and withdraws.
+        findscu(replica.host, replica.port, replica.ae_title, one, timeout=30)
+        wait_until(lambda: "is no longer in the central PACS: withdrawn" in replica.log(),
+                   timeout=10, what="the withdrawal")  # fmt: skip
+
+        def listed() -> bool:
+            got = findscu(clinic.host, clinic.port, clinic.ae_title, STUDY_KEYS, timeout=30)
+            return uid in _study_uids(got)
+
+        # A clinic C-FIND merges its catalog with the replica's live answer: not listed
+        # means its catalog has the tombstone too. Then from the catalog alone.
+        wait_until(lambda: not listed(), timeout=15, what="the clinic dropping the study")
+        replica.stop()
+        assert not listed()
+
+
 @pytest.mark.slow
 def test_clinic_find_survives_a_dead_pacs(gateway_factory, tmp_path, small_series):
     with Orthanc(tmp_path / "pacs") as pacs:

@@ -85,8 +85,12 @@ class CentralBroker:
         ask = core.with_summary_keys(identifier)
         self.counters["finds"] += 1
         answers = await loop.run_in_executor(self._finds, self.scu.find, ask, model)
-        if core.level_of(identifier) == "STUDY" and self.catalog is not None and answers:
-            self._spawn(self._publish(answers))
+        if core.level_of(identifier) == "STUDY" and self.catalog is not None:
+            if answers:
+                self._spawn(self._publish(answers))
+            elif (uid := core.single_study(identifier)) is not None:
+                # Asked for one study by its UID and the PACS has it no more.
+                self._spawn(self._withdraw(uid))
         return answers
 
     async def _publish(self, answers: list[Dataset]) -> None:
@@ -98,6 +102,24 @@ class CentralBroker:
             await catalog.async_publish_all(changes)
         except (MalformedEntry, StoreError) as exc:
             log.warning("publishing %d central studies failed: %s", len(changes) // 2, exc)
+
+    async def _withdraw(self, study_uid: str) -> None:
+        """The central PACS no longer has this study: our origin's entries for it become
+        tombstones (a deletion reaches every gateway like any change), if there are any."""
+        if self.catalog is None:
+            return
+        loop = asyncio.get_running_loop()
+        catalog = Catalog(self.store, self.origin)
+        entries = await loop.run_in_executor(None, catalog.entries, study_uid)
+        kinds = [e.kind for e in entries if e.origin == self.origin and e.payload is not None]
+        if not kinds:
+            return
+        try:
+            await catalog.async_publish_all([(kind, study_uid, None) for kind in kinds])
+        except (MalformedEntry, StoreError) as exc:
+            log.warning("withdrawing central study %s failed: %s", study_uid, exc)
+            return
+        log.info("central study %s is no longer in the central PACS: withdrawn", study_uid)
 
     async def instances(self, study_uid: str, fresh: bool = False) -> list[ListedInstance]:
         """The study's instances at the central PACS (IMAGE-level C-FIND), cached briefly."""
@@ -119,6 +141,8 @@ class CentralBroker:
         while len(self._listings) > MAX_LISTINGS:
             self._listings.popitem(last=False)
         log.info("central study %s lists %d instance(s)", study_uid, len(listing))
+        if not listing:
+            self._spawn(self._withdraw(study_uid))
         return listing
 
     # -- retrieval ----------------------------------------------------------------------------

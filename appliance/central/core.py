@@ -52,6 +52,7 @@ SUMMARY_KEYS = (
     "NumberOfStudyRelatedInstances",
 )
 _COUNTS = ("ModalitiesInStudy", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances")
+_DICOM_UID = re.compile(r"[0-9][0-9.]{0,63}")  # PS3.5 9.1: digits and dots only
 _UID = re.compile(r"[!-\[\]-~]{1,64}")  # as the catalog: printable, no space or backslash
 
 
@@ -191,6 +192,20 @@ def _count(ds: Dataset, keyword: str) -> int:
         return max(0, int(str(ds.get(keyword, "") or "0").strip() or 0))
     except ValueError:
         return 0
+
+
+def single_study(identifier: Dataset) -> str | None:
+    """The Study Instance UID a query asks for, when it asks for exactly one (no list, no
+    wildcard, no other key narrowing the match): its empty answer means "not there"."""
+    uid = str(identifier.get("StudyInstanceUID", "") or "").strip()
+    if _DICOM_UID.fullmatch(uid) is None:  # "*", "?" and lists ask for more than one
+        return None
+    for elem in identifier:
+        if elem.keyword in ("StudyInstanceUID", "QueryRetrieveLevel", "SpecificCharacterSet"):
+            continue
+        if elem.value not in (None, "", b""):
+            return None  # another matching key: an empty answer proves nothing
+    return uid
 
 
 def summary(ds: Dataset) -> list[tuple[str, str, dict[str, Any]]]:
