@@ -290,6 +290,34 @@ def test_clinic_move_of_a_central_study_via_two_replicas(gateway_factory, tmp_pa
         assert max(_sent_per_instance(pacs).values()) == 1
 
 
+def test_clinic_patient_level_move_brings_local_and_central_studies(
+    gateway_factory, tmp_path, small_series, central_series
+):
+    """Patient Root, PATIENT level: the clinic holds one of the patient's studies, the central
+    PACS the other; one C-MOVE of the patient delivers both, the central one through the
+    replica, each of its instances sent by the PACS once."""
+    with (
+        Orthanc(tmp_path / "pacs", binary=_verbose_orthanc(tmp_path)) as pacs,
+        StoreSCP(tmp_path / "ws", ae_title="WS") as dest,
+    ):
+        node = {"ae_title": "WS", "host": dest.host, "port": dest.port}
+        site = _Site(gateway_factory, pacs, 1, clinic_dicom={"nodes": [node]})
+        clinic = site.clinic
+        assert storescu(pacs.host, pacs.dicom_port, pacs.ae_title, central_series.paths).ok
+        assert storescu(clinic.host, clinic.port, clinic.ae_title, small_series.paths).ok
+        keys = ["QueryRetrieveLevel=PATIENT", "PatientID=DCMESH-TEST-0001"]
+        result = movescu(clinic.host, clinic.port, clinic.ae_title, keys, dest.ae_title,
+                         model="patient", timeout=120)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        received = {sop_instance_uid(p): p for p in dest.files()}
+        originals = {sop_instance_uid(p): p for p in [*small_series.paths, *central_series.paths]}
+        assert set(received) == set(originals)
+        for uid, path in received.items():
+            assert dataset_bytes(path) == dataset_bytes(originals[uid])
+        sent = _sent_per_instance(pacs)
+        assert set(sent) == set(central_series.sop_uids) and max(sent.values()) == 1
+
+
 @pytest.mark.slow
 def test_clinic_get_with_one_replica_down(gateway_factory, tmp_path, central_series):
     with Orthanc(tmp_path / "pacs", binary=_verbose_orthanc(tmp_path)) as pacs:

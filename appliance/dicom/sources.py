@@ -77,14 +77,21 @@ def central_items(mesh: MeshAccess | None, identifier: Dataset, items: list[Item
     the identifier names its study). Their transfer syntax is known once they land ("")."""
     central = _central(mesh)
     level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
-    if central is None or level not in ("STUDY", "SERIES", "IMAGE"):
+    if central is None or level not in ("PATIENT", "STUDY", "SERIES", "IMAGE"):
         return items
-    if level != "STUDY" and items:
+    if level in ("SERIES", "IMAGE") and items:
         return items
-    studies = unique_values(identifier, "StudyInstanceUID")
-    if level != "STUDY":
+    if level == "PATIENT":
+        studies = _patient_studies(central, identifier)
+    else:
+        studies = unique_values(identifier, "StudyInstanceUID")
+    if level in ("SERIES", "IMAGE"):
         studies = studies[:1]
-    series = set(unique_values(identifier, "SeriesInstanceUID")) if level != "STUDY" else None
+    series = (
+        set(unique_values(identifier, "SeriesInstanceUID"))
+        if level not in ("PATIENT", "STUDY")
+        else None
+    )
     sops = set(unique_values(identifier, "SOPInstanceUID")) if level == "IMAGE" else None
     known = {item.uid: item for item in items}
     out = list(items)
@@ -100,6 +107,20 @@ def central_items(mesh: MeshAccess | None, identifier: Dataset, items: list[Item
                 continue
             out.append(known.get(inst.sop) or Item(inst.sop, inst.sop_class, "", study))
     return out
+
+
+def _patient_studies(central: Any, identifier: Dataset) -> list[str]:
+    """The studies the central PACS has for a PATIENT-level retrieval's Patient ID (a STUDY-
+    level C-FIND through the relay): each is then staged like a STUDY-level retrieval."""
+    pid = str(identifier.get("PatientID", "") or "").strip()
+    if not pid or any(c in pid for c in "*?\\"):
+        return []  # a retrieval names one patient (PS3.4 C.4.2.2.1: a unique key)
+    ask = Dataset()
+    ask.QueryRetrieveLevel = "STUDY"
+    ask.PatientID = pid
+    ask.StudyInstanceUID = ""
+    answers = central.find_threadsafe(ask, "study")
+    return sorted({str(ds.StudyInstanceUID) for ds in answers if ds.get("StudyInstanceUID")})
 
 
 class UnionReader:
