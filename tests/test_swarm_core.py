@@ -473,6 +473,32 @@ def test_endgame_duplicates_few_bytes_and_cancels_the_losers() -> None:
     assert plain.finished_at > 2 * sim.finished_at
 
 
+def test_endgame_copies_go_to_another_line_only() -> None:
+    """r0 and r1 come in over our line A, r2 over line B; r0 slows down near the end. A copy
+    of r0's chunks on r1 would share line A with the original (no sooner, bytes wasted): the
+    copies go over line B only."""
+    t_slow = 0.7 * TOTAL_40MB / (3 * MB)
+    paths = [
+        SimPath("r0@A", "r0", 1 * MB, line="A", events=(LinkEvent(t_slow, "rate", 0.02 * MB),)),
+        SimPath("r1@A", "r1", 1 * MB, line="A"),
+        SimPath("r2@B", "r2", 1 * MB, line="B"),
+    ]
+    peers = [SimPeer(f"r{i}") for i in range(3)]
+    _, sim = simulate(STUDY_40MB, paths, peers, config=SwarmConfig(endgame_max_copies=2))
+    sim.run(until=t_slow)
+    before = {name: len(requested(sim, name)) for name in ("r1@A", "r2@B")}
+    assert sim.run()
+    on_path: dict[bytes, list[str]] = {}
+    for _, r in sim.requests:
+        for c in r.chunks:
+            on_path.setdefault(c, []).append(r.path)
+    copies = [ps for ps in on_path.values() if len(ps) > 1]
+    assert copies, "the slowed path's chunks were never copied"
+    of_r0 = [ps[1:] for ps in copies if ps[0] == "r0@A"]
+    assert of_r0 and all(ps == ["r2@B"] for ps in of_r0), copies
+    assert len(requested(sim, "r2@B")) > before["r2@B"]
+
+
 def test_resume_never_requests_chunks_already_held() -> None:
     have = list(STUDY_40MB)[::2]
     paths, peers = sources([1 * MB])

@@ -45,7 +45,8 @@ How it decides:
   slow path leaves a chunk to a path that would deliver it clearly sooner.
 - Endgame: when no unrequested chunk is left that a usable peer holds, a path with spare budget
   duplicates the outstanding chunk expected to arrive last, if it would itself deliver it at
-  least endgame_min_gain_s sooner, one chunk per request and at most endgame_max_copies copies.
+  least endgame_min_gain_s sooner, one chunk per request and at most endgame_max_copies copies,
+  and never over one of our lines already carrying it (paths on one line share its rate).
   When a chunk arrives, every other request whose remaining chunks are all done is cancelled.
 - Stalls and failures: a path silent for stall_timeout_s with work outstanding, or whose
   request fails, backs off (path_retry_s, doubling, +-10 % seeded jitter); its requests are
@@ -143,15 +144,16 @@ class Scheduler:
 
     # -- inputs --------------------------------------------------------------------------
 
-    def add_path(self, path: str, peer: str, now: float) -> None:
-        """A new way to reach `peer`; it starts with one probe chunk."""
+    def add_path(self, path: str, peer: str, now: float, line: str | None = None) -> None:
+        """A new way to reach `peer` over our uplink `line` (None: unknown); it starts with
+        one probe chunk."""
         old = self._paths.get(path)
         if old is not None:
-            if old.peer == peer:
+            if old.peer == peer and old.line == line:
                 return
             self.remove_path(path, now)
         meter = RateMeter(self.config.initial_rate, self.config.rate_window_s)
-        rec = self._paths[path] = PathRecord(path, peer, meter, now)
+        rec = self._paths[path] = PathRecord(path, peer, meter, now, line)
         self._peer(peer).paths[path] = rec
         self._pool.dirty = True
 
@@ -558,7 +560,12 @@ class Scheduler:
                     eta = max(start + ahead / other_rate, late)
                     if eta <= best_eta or here + pool.sizes[j] / rate >= eta:
                         continue
-                    if not peer.may_serve(j) or any(r.path is path for r in self._carriers[j]):
+                    if not peer.may_serve(j) or any(
+                        r.path is path or (path.line is not None and r.path.line == path.line)
+                        for r in self._carriers[j]
+                    ):
+                        # A copy on the line already carrying the chunk only halves both
+                        # streams there: no sooner, and the loser's bytes are wasted.
                         continue
                     best, best_eta = j, eta
         return best

@@ -383,7 +383,7 @@ class StudyDownload:
                 log.info("[%s] path %s left: its uplink is down", self._tag, name)
         for name, ends in want.items():
             if name not in self._path_ends:
-                self._sched.add_path(name, ends[0], now)
+                self._sched.add_path(name, ends[0], now, line=ends[1])
                 self._path_ends[name] = ends
                 if self._uplinks is not None and not first:
                     log.info("[%s] path %s joined: its uplink is up", self._tag, name)

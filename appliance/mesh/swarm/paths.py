@@ -110,6 +110,7 @@ class PathRecord:
         "delivered",
         "failures",
         "last_activity",
+        "line",
         "meter",
         "name",
         "peer",
@@ -120,9 +121,12 @@ class PathRecord:
         "state",
     )
 
-    def __init__(self, name: str, peer: str, meter: RateMeter, now: float) -> None:
+    def __init__(
+        self, name: str, peer: str, meter: RateMeter, now: float, line: str | None = None
+    ) -> None:
         self.name = name
         self.peer = peer
+        self.line = line  # our uplink it uses (paths on one line share its rate); None: unknown
         self.state = PathState.PROBING
         self.meter = meter
         self.requests: dict[int, _Request] = {}  # issue order

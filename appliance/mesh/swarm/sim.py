@@ -52,6 +52,7 @@ class SimPath:
     latency: float = 0.02  # one way, seconds
     start: float = 0.0  # when the scheduler learns about it
     events: tuple[LinkEvent, ...] = ()
+    line: str | None = None  # our uplink, as the scheduler is told (capacity is `rate` here)
 
 
 @dataclass(frozen=True)
@@ -324,7 +325,7 @@ class Simulation:
         now = self.now
         if kind == "add":
             self._links[arg.name] = _Link(arg)
-            self.sched.add_path(arg.name, arg.peer, now)
+            self.sched.add_path(arg.name, arg.peer, now, arg.line)
         elif kind == "holdings":
             peer, chunks = arg
             self._holdings[peer] = chunks
