@@ -41,7 +41,7 @@ image: $(VENV)/.runtime
 		PYTHON=$(BIN)/python image/build.sh $$arch $(UPDATE_PUBKEY) $(IMAGE_OUT) || exit 1; \
 	done
 
-# About 1-2 minutes under TCG on 2 cores (image/README.md).
+# Two boots, about 2.5 minutes under TCG on 2 cores (image/README.md).
 image-boot-test:
 	image/boot-test.sh $(IMAGE_OUT)/dicomesh-amd64.qcow2
 

@@ -31,9 +31,11 @@ from appliance.evict.evictor import Evictor
 from appliance.firmware.board import Hardware
 from appliance.firmware.led import Event as LedEvent
 from appliance.firmware.led import StatusLed
+from appliance.firmware.share import UpdatePuller, serve_routes
 from appliance.forward.control import forward_routes
 from appliance.forward.forwarder import Forwarder
-from appliance.forward.sender import dicom_destinations
+from appliance.forward.push import MeshLink, PushReceiver, central_node, mesh_destinations
+from appliance.forward.sender import DicomDestination, dicom_destinations
 from appliance.mesh.node import MeshNode
 from appliance.mesh.peers import PEERS_FILE, PeerRegistry
 from appliance.mesh.remote import RemoteReader
@@ -87,8 +89,11 @@ class _DicomMeshAccess:
 class Gateway:
     """The running gateway: store, mesh, DICOM node, network, QoS probe and admin page."""
 
-    def __init__(self, cfg: Config, config_path: Path | None = None) -> None:
+    def __init__(
+        self, cfg: Config, config_path: Path | None = None, hardware: Hardware | None = None
+    ) -> None:
         self.cfg = cfg
+        self.hardware = hardware  # the board (its LAN NIC is "lan" in web.listen)
         # Where the admin page writes settings: the --config file, else the state dir's.
         self.config_path = config_path or Path(cfg.state_dir) / CONFIG_IN_STATE_DIR
         self.started_at = time.time()
@@ -103,13 +108,17 @@ class Gateway:
         self.evictor: Evictor | None = None
         self.central: CentralRelay | None = None
         self.broker: CentralBroker | None = None
+        self.push: PushReceiver | None = None  # peers pushing studies here
+        self.updates: UpdatePuller | None = None  # pulls update bundles from peers
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         state = Path(self.cfg.state_dir)
         state.mkdir(mode=0o750, parents=True, exist_ok=True)
         if self.cfg.web.enabled:
-            self.web = WebServer(self.cfg.web, self)  # early: its log buffer sees start-up
+            lan = self.hardware.lan if self.hardware is not None else None
+            # Early: its log buffer sees start-up.
+            self.web = WebServer(self.cfg.web, self, lan_nic=lan.name if lan else None)
         if not has_net_admin():
             log.info(
                 "no CAP_NET_ADMIN (not root): WireGuard and uplink policy routing stay off; "
@@ -121,7 +130,6 @@ class Gateway:
         # Before the DICOM node: its jobs are written in each stored instance's commit.
         self.forwarder = Forwarder(self.store, self.cfg.forward, dicom_destinations(self.cfg.dicom))
         self.forwarder.attach()
-        await loop.run_in_executor(None, self.forwarder.start)
         self.control = ControlServer(state)
         self.control.add_routes(forward_routes(self.forwarder))
         if self.net is not None:
@@ -131,8 +139,12 @@ class Gateway:
             network = mesh_network(self.cfg, self.net) if self.net is not None else None
             self.mesh = MeshNode(self.cfg.mesh, state, self.store, network)
             self.central, self.broker = _build_central(self.cfg, self.mesh, self.store)
+            self.push = _build_push(self.cfg, self.mesh, self.store, self.forwarder)
+            self.mesh.add_routes(serve_routes(state))  # its installed bundle, to peers
             await self.mesh.start()
             self.control.add_routes(self.mesh.control_routes)
+            self.updates = UpdatePuller(state, self.cfg.web.update_key, self.mesh, __version__)
+            self.control.add_routes(self.updates.control_routes)
             access = _DicomMeshAccess(self.mesh, self.cfg.mesh.list_remote_studies, self.central)
         if self.cfg.qos.enabled:
             self.probe = await _start_probe(self.cfg, state, self.mesh)
@@ -147,6 +159,8 @@ class Gateway:
         await self.evictor.start()
         self.control.add_routes(evict_routes(self.evictor))
         await self.control.start()
+        # After the mesh: jobs to peers and the central PACS go over it.
+        await loop.run_in_executor(None, self.forwarder.start)
         self.dicom = DicomNodeServer(self.cfg.dicom, self.store, access)
         await loop.run_in_executor(None, self.dicom.start)
         if self.web is not None:
@@ -163,12 +177,18 @@ class Gateway:
         if self.control is not None:
             await self.control.stop()
             self.control = None
+        if self.updates is not None:
+            await self.updates.stop()
+            self.updates = None
         if self.evictor is not None:
             await self.evictor.stop()
             self.evictor = None
         if self.forwarder is not None:
             await loop.run_in_executor(None, self.forwarder.stop)
             self.forwarder = None
+        if self.push is not None:
+            await self.push.stop()
+            self.push = None
         if self.probe is not None:
             await self.probe.stop()
             self.probe = None
@@ -213,6 +233,20 @@ async def _start_probe(cfg: Config, state: Path, mesh: MeshNode | None) -> Probe
         log.error("qos probe responder off: port %d: %s", cfg.qos.probe_port, exc)
         return None
     return probe
+
+
+def _build_push(cfg: Config, mesh: MeshNode, store: Store, forwarder: Forwarder) -> PushReceiver:
+    """Forwarding over the mesh: the route where peers push studies here (and, on gateways
+    talking to the central PACS, into it), and the "peer:NAME"/"central" destinations."""
+    direct = cfg.central.talks_directly(cfg.mesh.role)
+    node = central_node(cfg.central) if direct else None
+    receiver = PushReceiver(cfg.forward, mesh, store, cfg.dicom, node)
+    mesh.add_routes(receiver.routes)
+    central = DicomDestination(node, cfg.dicom) if node is not None else None
+    forwarder.set_mesh_destinations(
+        mesh_destinations(MeshLink(mesh), cfg.forward, cfg.central, central, forwarder.stopping)
+    )
+    return receiver
 
 
 def _build_central(
@@ -300,7 +334,7 @@ async def serve(
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    gateway = Gateway(cfg, config_path)
+    gateway = Gateway(cfg, config_path, hardware)
     try:
         await gateway.start()
     except (OSError, StoreError) as exc:

@@ -85,11 +85,17 @@ def main(argv: list[str] | None = None) -> int:
 
     evict_cli.add_parser(sub)
 
+    from appliance.firmware import pull_cli
+
+    pull_cli.add_parser(sub)
+
     args = parser.parse_args(argv)
     if args.command == "forward":
         return forward_cli.run(args, lambda a: load_config(a.config, _overrides(a)))
     if args.command == "evict":
         return evict_cli.run(args, lambda a: load_config(a.config, _overrides(a)))
+    if args.command == "update":
+        return pull_cli.run(args, _state_dir)
     if args.command == "qos":
         return qos_cli.run(qos_handlers, args)
     if args.command == "net":

@@ -20,7 +20,7 @@ Keys (each subsystem owns its section's schema; see `schema.describe(Config)` fo
     port = 104
     [[forward.rules]]            # store-and-forward: what arrives by C-STORE and matches
     name = "ct-to-ws1"
-    destinations = ["WS1"]       # AE titles of [[dicom.nodes]]
+    destinations = ["WS1"]       # [[dicom.nodes]] AE titles, "peer:NAME", "central"
     modality = ["CT"]
 
 Overrides (e.g. from the command line) use dotted keys ("dicom.port") and are merged over
@@ -82,10 +82,16 @@ class Config:
     )
 
     def validate(self) -> list[tuple[str, str]]:
-        """Rules across sections: forwarding destinations must be known DICOM nodes; the
+        """Rules across sections: forwarding destinations must be reachable (known DICOM
+        nodes; the mesh for peers; [central] for the central PACS); the
         eviction limits must fit the store's; the central PACS is reached over the mesh."""
         return (
-            check_destinations(self.forward, [n.ae_title for n in self.dicom.nodes])
+            check_destinations(
+                self.forward,
+                [n.ae_title for n in self.dicom.nodes],
+                mesh_enabled=self.mesh.enabled,
+                central_enabled=self.central.enabled,
+            )
             + check_limits(self.evict, self.store)
             + check_mesh(self.central, self.mesh.enabled)
         )

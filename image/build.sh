@@ -18,8 +18,10 @@
 # Layout (GPT on x86, MBR on the Pi whose firmware needs it):
 #   1 boot   vfat  256 MiB   ESP with systemd-boot (x86) / Pi firmware, kernel, initrd
 #   2 root   ext4  2 GiB     mounted read-only (LABEL=dm-root)
-#   3 state  ext4  1 GiB     /data: /var/lib, /var/log, /opt/dicomesh (A/B slots)
-#                            (growing it to the whole disk on first boot is not done yet)
+#   3 state  ext4  1 GiB     /data: /var/lib, /var/log, /opt/dicomesh (A/B slots); grown to
+#                            the end of the disk at boot (dicomesh-grow-state.service)
+# The machine-id saved there by first boot is bind-mounted over the root's empty
+# /etc/machine-id from the initramfs (overlay/etc/initramfs-tools/scripts/init-bottom).
 #
 # Not run in CI (minutes of downloads and CPU); `make image` / `make image-boot-test` run it.
 set -eu
@@ -96,8 +98,9 @@ mmdebstrap --quiet --variant=important --architectures="$ARCH" \
     --components=main,contrib,non-free-firmware \
     --include="$KERNEL,systemd-sysv,systemd-resolved,systemd-timesyncd,udev,dbus,\
 initramfs-tools,python3,python3-venv,wireguard-tools,wireguard-go,iproute2,nftables,\
-openssh-server,ca-certificates,dcmtk" \
+openssh-server,ca-certificates,dcmtk,cloud-guest-utils,gdisk,fdisk" \
     --customize-hook='cp -a "'"$HERE"'/overlay/." "$1/"' \
+    --customize-hook='chroot "$1" update-initramfs -u -k all' \
     --customize-hook='install -m 0644 "'"$PUBKEY"'" "$1/etc/dicomesh/update.pub"' \
     --customize-hook='mkdir -p "$1/tmp/wheels" && cp "'"$WHEELS"'"/*.whl "$1/tmp/wheels/"' \
     --customize-hook='chroot "$1" python3 -m venv /opt/dicomesh/slots/a' \
@@ -108,7 +111,8 @@ openssh-server,ca-certificates,dcmtk" \
         "$1/etc/systemd/system/"' \
     --customize-hook='chroot "$1" systemd-sysusers' \
     --customize-hook='chroot "$1" systemctl enable dicomesh.service dicomesh-firstboot.service \
-        dicomesh-update.path dicomesh-update-recover.service systemd-networkd systemd-resolved' \
+        dicomesh-update.path dicomesh-update-recover.service dicomesh-grow-state.service \
+        systemd-networkd systemd-resolved' \
     --customize-hook='chroot "$1" passwd --lock root' \
     --customize-hook='echo wireguard > "$1/etc/modules-load.d/wireguard.conf"' \
     "$SUITE" "$ROOT" "$MIRROR"

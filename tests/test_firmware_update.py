@@ -279,8 +279,10 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
     # A bad bundle: exit 2, the result file says why, slot a keeps running.
     bad = tmp_path / "bad.bundle"
     bad.write_bytes(b"not a tar at all" * 10)
-    rejected = cli("install", str(bad), *common)
+    kept = tmp_path / "installed.bundle"
+    rejected = cli("install", str(bad), *common, "--keep", str(kept))
     assert rejected.returncode == 2
+    assert bad.exists() and not kept.exists()  # only an installed bundle is kept for peers
     assert "truncated or corrupt" in json.loads(result_file.read_text())["error"]
     assert json.loads(cli("status", "--root", str(root)).stdout)["active"] == "a"
 

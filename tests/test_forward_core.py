@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from appliance.forward.config import ForwardConfig, ForwardRule
+from appliance.config import ConfigError, load_config
+from appliance.dicom.config import DicomConfig, DicomNode
+from appliance.forward.config import ForwardConfig, ForwardRule, destination_kind
 from appliance.forward.core import (
     TABLE,
     Event,
@@ -16,6 +20,18 @@ from appliance.forward.core import (
     rule_matches,
     transition,
 )
+from appliance.forward.push import (
+    MAX_PUSHES,
+    MAX_REMEMBERED,
+    PushReceiver,
+    PushRequest,
+    StallWatch,
+    _Push,
+    parse_request,
+    push_id,
+)
+from appliance.mesh.errors import PeerInputError
+from appliance.mesh.peers import Peer
 
 CFG = ForwardConfig(max_tries=3, backoff_base_s=2.0, backoff_max_s=10.0, quiet_period_s=5.0)
 
@@ -122,3 +138,120 @@ def test_config_validation() -> None:
     assert check_destinations(cfg, ["PACS "]) == [
         ("forward.rules[0].destinations[1]", "'X' is not in [[dicom.nodes]]")
     ]
+
+
+# -- destinations over the mesh ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("WS1", ("dicom", "WS1")),
+        (" dicom:WS1 ", ("dicom", "WS1")),
+        ("peer:replica-1", ("peer", "replica-1")),
+        ("central", ("central", "")),
+        ("CENTRAL", ("dicom", "CENTRAL")),  # an AE title; the keyword is lower case
+        ("dicom:central", ("dicom", "central")),
+        ("other:x", ("dicom", "other:x")),
+    ],
+)
+def test_destination_kind(given: str, expected: tuple[str, str]) -> None:
+    assert destination_kind(given) == expected
+    assert (
+        Job("j", "r", given, "study", "1.2", "", State.QUEUED, 0.0, 0.0).to_json()["kind"]
+        == expected[0]
+    )
+
+
+def _errors(**sections: object) -> list[str]:
+    try:
+        load_config(None, overrides=sections)
+    except ConfigError as exc:
+        return list(exc.errors)
+    return []
+
+
+def test_config_checks_every_destination_kind() -> None:
+    node = {"nodes": [{"ae_title": "WS1", "host": "127.0.0.1", "port": 11113}]}
+
+    def rule(*destinations: str) -> dict:
+        return {"rules": [{"name": "r", "destinations": list(destinations)}]}
+
+    (error,) = _errors(dicom=node, forward=rule("WS1", "peer:Bad_Name"))
+    assert error.startswith("forward.rules[0].destinations[1]: 'peer:Bad_Name'") and "a-z" in error
+    errors = _errors(dicom=node, forward=rule("WS1", "peer:ok-1", "central", "dicom:WS2"))
+    assert errors == [
+        'forward.rules[0].destinations[2]: "central" needs [central] enabled',
+        "forward.rules[0].destinations[3]: 'WS2' is not in [[dicom.nodes]]",
+    ], errors
+    # With [central] on and the mesh off, the mesh kinds have nothing to go over.
+    errors = _errors(dicom=node, forward=rule("peer:ok-1", "WS1"), mesh={"enabled": False})
+    assert errors == ["forward.rules[0].destinations[0]: 'peer:ok-1' needs [mesh] enabled"]
+    good = rule("WS1", "dicom:WS1", "peer:ok-1", "central")
+    assert _errors(dicom=node, forward=good, central={"enabled": True}) == []
+
+
+def test_push_requests_are_checked() -> None:
+    instances = {"1.2.3.4": "ab" * 32}
+    pid = push_id("1.2.3", "here", instances)
+    req = parse_request({"study": "1.2.3", "to": "here", "push": pid, "instances": instances})
+    assert req.instances == instances
+    assert parse_request({"study": "1.2.3", "to": "central", "push": pid}).instances is None
+    bad = [
+        [],
+        {"study": "1.2 3", "to": "here", "push": pid},
+        {"study": "1.2.3", "to": "elsewhere", "push": pid},
+        {"study": "1.2.3", "to": "here", "push": "12"},
+        {"study": "1.2.3", "to": "here", "push": pid, "instances": {}},
+        {"study": "1.2.3", "to": "here", "push": pid, "instances": {"1.2": "zz"}},
+        {"study": "1.2.3", "to": "here", "push": pid, "instances": {"1 2": "ab" * 32}},
+        # The id must be the content's: another study under the same id is refused.
+        {"study": "1.2.4", "to": "here", "push": pid, "instances": instances},
+    ]
+    for body in bad:
+        with pytest.raises(PeerInputError):
+            parse_request(body)
+    assert push_id("1.2.3", "central", instances) != pid
+
+
+def test_stall_watch() -> None:
+    watch = StallWatch(10.0)
+    assert not watch.stalled(("fetching", 0), 0.0)
+    assert not watch.stalled(("fetching", 0), 10.0)
+    assert watch.stalled(("fetching", 0), 10.5)
+    assert not watch.stalled(("fetching", 1), 11.0)  # progress restarts the clock
+    assert not watch.stalled(("fetching", 1), 20.0)
+    assert watch.stalled(("fetching", 1), 21.5)
+
+
+def test_push_receiver_refuses_and_forgets() -> None:
+    """What a receiver answers before touching its store, and how much it remembers."""
+    peer = Peer("clinic-a", "a" * 43 + "=", ["10.90.1.1"])
+    instances = {"1.2.3.4": "ab" * 32}
+    pid = push_id("1.2.3", "central", instances)
+    full = PushRequest("1.2.3", "central", pid, instances)
+
+    def answer(receiver: PushReceiver, req: PushRequest) -> dict:
+        return asyncio.run(receiver.answer(peer, req))
+
+    closed = PushReceiver(ForwardConfig(accept_push=False), None, None, DicomConfig(), None)  # type: ignore[arg-type]
+    got = answer(closed, full)
+    assert got["state"] == "refused" and "accept_push" in got["reason"]
+    clinic = PushReceiver(ForwardConfig(), None, None, DicomConfig(), None)  # type: ignore[arg-type]
+    got = answer(clinic, full)
+    assert got["state"] == "refused" and "central PACS" in got["reason"]
+    central = DicomNode("PACS", "127.0.0.1", 104)
+    replica = PushReceiver(ForwardConfig(), None, None, DicomConfig(), central)  # type: ignore[arg-type]
+    assert answer(replica, PushRequest("1.2.3", "central", pid, None))["state"] == "unknown"
+
+    # At most MAX_PUSHES pushes and MAX_REMEMBERED instances, least recent forgotten first.
+    for i in range(MAX_PUSHES + 10):
+        replica._remember(f"{i:064x}", _Push("1.2.3", "here", {"1.2": b""}, "clinic-a"))
+    assert len(replica._pushes) == MAX_PUSHES and f"{0:064x}" not in replica._pushes
+    big = {f"1.2.{n}": b"" for n in range(MAX_REMEMBERED // 2 + 1)}
+    replica._remember("a" * 64, _Push("1.2.3", "here", big, "clinic-a"))
+    replica._remember("b" * 64, _Push("1.2.3", "here", big, "clinic-a"))
+    assert list(replica._pushes) == ["b" * 64]
+    asyncio.run(replica.stop())
+    for r in (closed, clinic):
+        asyncio.run(r.stop())

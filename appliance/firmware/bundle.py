@@ -285,6 +285,16 @@ def _extract_payload(tar: tarfile.TarFile, manifest: Manifest, staging: Path) ->
         raise BundleError(f"bundle is truncated: {len(missing)} files missing (first {missing[0]})")
 
 
+def peek_manifest(source: BinaryIO) -> Manifest:
+    """The manifest at the head of a bundle, NOT verified (to tell a peer which version we
+    offer; whoever installs verifies). Reads only the first member. Raises BundleError."""
+    try:
+        with tarfile.open(fileobj=source, mode="r|*") as tar:
+            return Manifest.parse(_read_member(tar, MANIFEST, MAX_MANIFEST_BYTES))
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        raise BundleError(f"bundle is truncated or corrupt ({exc})") from None
+
+
 def read_manifest(path: Path) -> dict[str, Any] | None:
     """A slot's installed manifest (for status), None if absent or unreadable."""
     try:

@@ -3,7 +3,8 @@
     dicomesh-update keygen --private signing.pem --public update.pub   # build host, once
     dicomesh-update build SRC_DIR --version V --key signing.pem -o dicomesh-V.bundle
     dicomesh-update verify BUNDLE --key update.pub
-    dicomesh-update install BUNDLE --root /opt/dicomesh --key /etc/dicomesh/update.pub
+    dicomesh-update install BUNDLE --root /opt/dicomesh --key /etc/dicomesh/update.pub \
+        [--keep /var/lib/dicomesh/updates/installed.bundle]   # what the gateway shares
     dicomesh-update status --root /opt/dicomesh
     dicomesh-update recover --root /opt/dicomesh     # at boot: undo an interrupted update
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import shutil
 import sys
@@ -56,6 +58,12 @@ def parser() -> argparse.ArgumentParser:
     install.add_argument("--key", type=Path, required=True, help="public key")
     install.add_argument("--result", type=Path, help="write the outcome here (JSON)")
     install.add_argument("--remove", action="store_true", help="delete the bundle afterwards")
+    install.add_argument(
+        "--keep",
+        type=Path,
+        help="once installed, move the bundle here (same file system): the gateway serves "
+        "it to peers that pull updates",
+    )
     install.add_argument("--activate-cmd", default=shlex.join(ACTIVATE))
     install.add_argument("--health-cmd", default=shlex.join(HEALTH))
     install.add_argument("--health-timeout", type=float, default=120.0)
@@ -120,6 +128,12 @@ def _install(args: argparse.Namespace) -> int:
     )
     try:
         result = Updater(args.root, bundles.load_public_key(args.key), check).install(args.bundle)
+        if args.keep is not None and result.outcome == "installed":
+            # The bundle of the version now running replaces the one of the version before.
+            try:
+                os.replace(args.bundle, args.keep)
+            except OSError as exc:
+                logging.getLogger(__name__).warning("bundle not kept for peers: %s", exc)
     finally:
         if args.remove:
             args.bundle.unlink(missing_ok=True)

@@ -1,6 +1,7 @@
 """`dicomesh forward ...`: the running gateway's forwarding queue (over the control socket).
 
-dicomesh forward list [--state failed]   # jobs: id, state, tries, next try, last reason
+dicomesh forward list [--state failed]   # jobs: id, state, destination (kind:target), tries,
+                                         # next try, last reason
 dicomesh forward retry|hold|release|cancel JOB_ID
 """
 
@@ -63,6 +64,9 @@ def run(args: argparse.Namespace, load_config: LoadConfig) -> int:
 def _row(job: dict) -> str:
     wait = job["not_before"] - time.time()
     due = f"in {wait:.0f} s" if job["state"] in ("queued", "waiting") and wait > 0 else "-"
+    kind = job.get("kind", "dicom")
+    target = job.get("target", job.get("destination", ""))
+    to = f"{kind}:{target}" if target else kind  # dicom:WS1, peer:replica-1, central
     return "\t".join(
-        [job["id"], job["state"], f"tries={job['tries']}", due, job.get("reason") or ""]
+        [job["id"], job["state"], to, f"tries={job['tries']}", due, job.get("reason") or ""]
     )

@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from appliance.forward.config import ForwardConfig, ForwardRule
+from appliance.forward.config import ForwardConfig, ForwardRule, destination_kind
 
 
 class State(enum.Enum):
@@ -102,6 +102,7 @@ class Job:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["state"] = self.state.value
+        d["kind"], d["target"] = destination_kind(self.destination)
         return d
 
 

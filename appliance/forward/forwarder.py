@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from appliance.forward.config import ForwardConfig
+from appliance.forward.config import DICOM, ForwardConfig, destination_kind
 from appliance.forward.core import (
     Event,
     InvalidTransition,
@@ -47,6 +47,9 @@ class Forwarder:
         self.store = store
         self.cfg = cfg
         self.destinations = destinations
+        # Peer gateways and the central PACS (appliance/forward/push.py), set once the mesh
+        # runs: (kind, target) -> Destination, None if unknown.
+        self.mesh_destinations: Callable[[str, str], Destination | None] | None = None
         self.clock = clock
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -121,6 +124,16 @@ class Forwarder:
         self.destinations = dict(destinations)  # one reference swap: atomic for _send
         self._wake.set()
 
+    def set_mesh_destinations(self, resolve: Callable[[str, str], Destination | None]) -> None:
+        """How "peer:NAME" and "central" destinations are reached (before start)."""
+        self.mesh_destinations = resolve
+
+    @property
+    def stopping(self) -> threading.Event:
+        """Set when the forwarder stops: long sends (peer destinations) give up after their
+        current exchange."""
+        return self._stop
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -180,7 +193,7 @@ class Forwarder:
 
     def _send(self, job: Job) -> None:
         try:
-            dest = self.destinations.get(job.destination)
+            dest = self._destination(job.destination)
             if dest is None:
                 outcome = Outcome(False, f"unknown destination {job.destination}")
             else:
@@ -188,6 +201,10 @@ class Forwarder:
                     outcome = dest.send(self.store, job)
                 except Exception as exc:  # every failure kind gets the same retry schedule
                     outcome = Outcome(False, f"{type(exc).__name__}: {exc}")
+            if outcome.interrupted and self._stop.is_set():
+                # Left running in the store: the next start queues it again (restart_running).
+                log.info("forward job %s: interrupted by stop", _short(job.id))
+                return
             event = Event.SUCCESS if outcome.ok else Event.FAILURE
             new = self.queue.apply_event(
                 job.id, event, self.clock(), outcome.reason, timeout=_WRITE_TIMEOUT_S
@@ -202,6 +219,13 @@ class Forwarder:
             with self._lock:
                 self._sending.pop(job.id, None)
             self._wake.set()
+
+    def _destination(self, name: str) -> Destination | None:
+        kind, target = destination_kind(name)
+        if kind == DICOM:
+            return self.destinations.get(target)
+        resolve = self.mesh_destinations
+        return resolve(kind, target) if resolve is not None else None
 
 
 def stored_instance(inc: IncomingInstance) -> StoredInstance:

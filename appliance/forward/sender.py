@@ -5,6 +5,7 @@ fast-path `GatewayAE`). Blocking; runs on a worker thread, never on the event lo
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -24,10 +25,14 @@ class Outcome:
     reason: str = ""
     sent: int = 0
     sent_bytes: int = 0
+    # The try was cut short by the gateway stopping: no failure is recorded; the job stays
+    # running in the store and the next start queues it again, as after a crash.
+    interrupted: bool = False
 
 
 class Destination(Protocol):
-    """Extension point: a DICOM node now; a peer gateway or the central PACS later."""
+    """Extension point: a DICOM node (here), a peer gateway or the central PACS
+    (appliance/forward/push.py)."""
 
     def send(self, store: Store, job: Job) -> Outcome: ...
 
@@ -56,15 +61,25 @@ class DicomDestination:
         self.dicom = dicom
 
     def send(self, store: Store, job: Job) -> Outcome:
-        # Imported here: scp.py pulls in the whole SCP; only the sending thread needs it.
-        from appliance.dicom.scp import GatewayAE
-
-        fastpath.install()
         items = job_items(store, job)
         if not items:
             # Deleted or evicted since it was queued: nothing left to send is not a failure
             # worth retrying forever, but it is reported.
             return Outcome(False, "no stored instance left to send")
+        return self.send_items(store, items)
+
+    def send_items(
+        self,
+        store: Store,
+        items: list[retrieve.Item],
+        on_sent: Callable[[int], None] | None = None,
+    ) -> Outcome:
+        """C-STORE these stored instances over one association; ok only if every one was
+        answered Success or Warning. `on_sent(n)` after each accepted instance."""
+        # Imported here: scp.py pulls in the whole SCP; only the sending thread needs it.
+        from appliance.dicom.scp import GatewayAE
+
+        fastpath.install()
         cfg = self.dicom
         ae = GatewayAE(ae_title=cfg.ae_title.strip())
         ae.acse_timeout = cfg.acse_timeout_s
@@ -98,6 +113,8 @@ class DicomDestination:
                     return Outcome(False, f"C-STORE status 0x{code:04X}", sent, nbytes)
                 sent += 1
                 nbytes += len(inst.raw)
+                if on_sent is not None:
+                    on_sent(sent)
             assoc.release()
         finally:
             if assoc.is_established:
@@ -106,5 +123,5 @@ class DicomDestination:
 
 
 def dicom_destinations(dicom: DicomConfig) -> dict[str, Destination]:
-    """Destinations by AE title from `[dicom] nodes`."""
+    """Destinations by AE title from `[dicom] nodes` (rules name them "AE" or "dicom:AE")."""
     return {n.ae_title.strip(): DicomDestination(n, dicom) for n in dicom.nodes}

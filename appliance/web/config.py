@@ -17,6 +17,9 @@ from appliance.schema import (
 )
 
 DEFAULT_PORT = 8080
+# In `listen`: the IPv4 addresses of the board's LAN NIC (hw/*.toml, appliance/firmware/
+# board.py), looked up when the page starts and followed while it runs (DHCP).
+LAN = "lan"
 
 
 def specific_address(value: str) -> str | None:
@@ -26,6 +29,11 @@ def specific_address(value: str) -> str | None:
     if error is None and ipaddress.ip_address(value).is_unspecified:
         return "must be one LAN, loopback or overlay address, not the wildcard (never an uplink)"
     return error
+
+
+def listen_address(value: str) -> str | None:
+    """Check: a specific address (see above), or "lan"."""
+    return None if value == LAN else specific_address(value)
 
 
 def ip_network(value: str) -> str | None:
@@ -44,8 +52,9 @@ class WebConfig:
     enabled: bool = setting(True, doc="serve the admin page and its API")
     listen: list[str] = setting(
         default_factory=lambda: ["127.0.0.1"],
-        check=specific_address,
-        doc="addresses to serve on: loopback, LAN and overlay addresses only, never an uplink's",
+        check=listen_address,
+        doc="addresses to serve on: loopback, LAN and overlay addresses only, never an "
+        "uplink's; \"lan\" = the addresses of the board's LAN NIC",
     )
     port: int = setting(DEFAULT_PORT, check=port_range, doc="TCP port of the page (HTTP)")
     session_ttl_s: float = setting(
@@ -97,8 +106,10 @@ class WebConfig:
             errors.append(("session_idle_s", "must not exceed session_ttl_s"))
         return errors
 
-    def announce_addresses(self) -> list[str]:
-        """Where zeroconf speaks: the configured addresses, else the LAN ones we listen on."""
+    def announce_addresses(self, listening: list[str] | None = None) -> list[str]:
+        """Where zeroconf speaks: the configured addresses, else the LAN ones we listen on
+        (`listening`: `listen` with "lan" resolved; default `listen` without it)."""
         if self.zeroconf_addresses:
             return list(self.zeroconf_addresses)
-        return [a for a in self.listen if not ipaddress.ip_address(a).is_loopback]
+        found = listening if listening is not None else [a for a in self.listen if a != LAN]
+        return [a for a in found if not ipaddress.ip_address(a).is_loopback]

@@ -24,3 +24,4 @@ class GatewayParts(Protocol):
     net: Any  # appliance.net.manager.NetworkManager | None (status() only)
     forwarder: Any  # appliance.forward.forwarder.Forwarder | None (set_destinations)
     evictor: Any  # appliance.evict.evictor.Evictor | None (apply, async_plan, last_report)
+    updates: Any  # appliance.firmware.share.UpdatePuller | None (pulls from peers)

@@ -15,7 +15,7 @@ from aiohttp import web
 from appliance.mesh.peers import PEERS_FILE, PeerRegistry
 from appliance.web.api import MAX_BODY, Api
 from appliance.web.auth import Account
-from appliance.web.config import WebConfig
+from appliance.web.config import LAN, WebConfig
 from appliance.web.guard import Guard
 from appliance.web.logbuffer import LogBuffer
 from appliance.web.parts import GatewayParts
@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 SHUTDOWN_TIMEOUT_S = 2.0  # live streams end at stop; nothing else takes long
+LAN_POLL_S = 10.0  # how often "lan" in web.listen looks for a new address (DHCP, cable in)
 
 
 def url_of(address: str, port: int) -> str:
@@ -46,9 +47,20 @@ class WebServer:
     started once the other subsystems run."""
 
     def __init__(
-        self, cfg: WebConfig, parts: GatewayParts, clock: Callable[[], float] = time.monotonic
+        self,
+        cfg: WebConfig,
+        parts: GatewayParts,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        lan_nic: str | None = None,
+        lan_poll_s: float = LAN_POLL_S,
     ) -> None:
+        """`lan_nic`: the board's LAN interface, which "lan" in `cfg.listen` stands for."""
         self.cfg = cfg
+        self.lan_nic = lan_nic
+        self._lan_poll_s = lan_poll_s
+        self._lan_task: asyncio.Task | None = None
+        self._bound: set[str] = set()
         self.parts = parts
         self.logs = LogBuffer(cfg.log_lines)
         self.logs.install()
@@ -95,21 +107,23 @@ class WebServer:
             self.app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S
         )
         await self._runner.setup()
-        refused = on_uplinks(self.cfg.listen, await self._net_status())
-        for address in self.cfg.listen:
-            if address in refused:
-                log.error("admin page not on %s: that is an uplink's address (web.listen)", address)
-                continue
-            try:
-                await web.TCPSite(self._runner, address, self.cfg.port, reuse_address=True).start()
-            except OSError as exc:
-                log.error("admin page cannot listen on %s:%d: %s", address, self.cfg.port, exc)
-                continue
-            self.urls.append(url_of(address, self.port or self.cfg.port))
+        net_status = await self._net_status()
+        listen = [a for a in self.cfg.listen if a != LAN]
+        if LAN in self.cfg.listen:
+            lan = await self._lan_addresses()
+            if not lan and self.lan_nic is not None:
+                log.warning(
+                    "admin page: the LAN NIC %s has no IPv4 address yet; listening on it once "
+                    "it has one", self.lan_nic,
+                )  # fmt: skip
+            listen += [a for a in lan if a not in listen]
+        await self._listen_on(listen, net_status)
         if not self.urls:
             log.error("admin page off: no address could be bound")
         else:
             log.info("admin page on %s", " ".join(self.urls))
+        if LAN in self.cfg.listen and self.lan_nic is not None:
+            self._lan_task = asyncio.create_task(self._follow_lan(), name="web-lan")
         if code is not None:
             # First boot: the code is a one-time credential, not a patient attribute; it is
             # logged this once, and kept 0600 in the state directory until it is used.
@@ -118,6 +132,51 @@ class WebServer:
             log.warning("admin page not set up yet: setup code in %s", self.account.code_path)
         if self.cfg.zeroconf:
             await self._start_discovery()
+
+    async def _listen_on(self, addresses: list[str], net_status: dict[str, Any] | None) -> None:
+        """Bind the page on each address not bound yet; failures are logged and skipped."""
+        assert self._runner is not None
+        refused = on_uplinks(addresses, net_status)
+        for address in addresses:
+            if address in self._bound:
+                continue
+            if address in refused:
+                log.error("admin page not on %s: that is an uplink's address (web.listen)", address)
+                continue
+            try:
+                await web.TCPSite(self._runner, address, self.cfg.port, reuse_address=True).start()
+            except OSError as exc:
+                log.error("admin page cannot listen on %s:%d: %s", address, self.cfg.port, exc)
+                continue
+            self._bound.add(address)
+            self.urls.append(url_of(address, self.port or self.cfg.port))
+
+    async def _lan_addresses(self) -> list[str]:
+        """The IPv4 addresses on the board's LAN NIC now ([] without one, or on error)."""
+        if self.lan_nic is None:
+            log.error('admin page: web.listen has "lan" but no LAN NIC is known (no board)')
+            return []
+        from appliance.net.errors import NetError
+        from appliance.net.netlink import Netlink
+
+        try:
+            async with Netlink() as netlink:
+                return await netlink.ipv4_addresses(self.lan_nic)
+        except (NetError, OSError) as exc:
+            log.error("admin page: addresses of %s unreadable: %s", self.lan_nic, exc)
+            return []
+
+    async def _follow_lan(self) -> None:
+        """Listen on addresses the LAN NIC gains later (DHCP lease, cable plugged in). One
+        that goes away keeps its socket, which serves again if the address comes back."""
+        while True:
+            await asyncio.sleep(self._lan_poll_s)
+            new = [a for a in await self._lan_addresses() if a not in self._bound]
+            if new:
+                before = len(self.urls)
+                await self._listen_on(new, await self._net_status())
+                if len(self.urls) > before:
+                    log.info("admin page now also on %s", " ".join(self.urls[before:]))
 
     async def _net_status(self) -> dict[str, Any] | None:
         if self.parts.net is None:
@@ -137,7 +196,7 @@ class WebServer:
         return int(self._runner.addresses[0][1])
 
     async def _start_discovery(self) -> None:
-        addresses = self.cfg.announce_addresses()
+        addresses = self.cfg.announce_addresses(sorted(self._bound))
         if not addresses:
             log.info("zeroconf off: the page listens on no LAN address (web.zeroconf_addresses)")
             return
@@ -165,6 +224,10 @@ class WebServer:
         self.api.discovery = discovery
 
     async def stop(self) -> None:
+        if self._lan_task is not None:
+            self._lan_task.cancel()
+            await asyncio.gather(self._lan_task, return_exceptions=True)
+            self._lan_task = None
         await self.api.stop()
         if self.api.discovery is not None:
             await self.api.discovery.stop()

@@ -385,6 +385,29 @@ async function loadUpdate() {
   const last = r.data.last_result;
   $("fw-last").textContent = r.data.pending ? "an update is being installed"
     : last ? `last update: ${JSON.stringify(last)}` : "no update installed yet";
+  const pull = r.data.pull;
+  if (pull) {
+    const mb = (n) => (n / 1e6).toFixed(1);
+    $("update-message").textContent = pull.error ? `Pull from ${pull.peer}: ${pull.error}`
+      : pull.queued ? `Version ${pull.version} from ${pull.peer} verified; installing`
+      : `Pulling version ${pull.version} from ${pull.peer}: ${mb(pull.received)} of ${mb(pull.size || 0)} MB`;
+    if (!pull.finished) setTimeout(loadUpdate, 1000);
+  }
+  const peers = await api("GET", "/api/peers");
+  if (peers.ok) {
+    const select = $("pull-form").peer, chosen = select.value;
+    fill(select, peers.data.peers.map((p) => el("option", p.name, { value: p.name })));
+    if (chosen) select.value = chosen;
+  }
+}
+
+async function pullUpdate(ev) {
+  ev.preventDefault();
+  const f = $("pull-form");
+  $("update-message").textContent = `Asking ${f.peer.value} for its version…`;
+  const r = await api("POST", "/api/system/update/pull", { peer: f.peer.value, force: f.force.checked });
+  $("update-message").textContent = r.ok ? `Pulling version ${r.data.version} from ${r.data.peer}…` : problem(r);
+  if (r.ok) loadUpdate();
 }
 
 async function uploadUpdate(ev) {
@@ -568,6 +591,7 @@ async function init() {
   $("net-form").addEventListener("submit", saveNet);
   $("evict-form").addEventListener("submit", saveEvict);
   $("update-form").addEventListener("submit", uploadUpdate);
+  $("pull-form").addEventListener("submit", pullUpdate);
   $("evict-plan-button").addEventListener("click", evictPlan);
   $("add-uplink").addEventListener("click", () => $("uplink-rows").appendChild(uplinkRow({ gateway: "dhcp", up_kbps: 800, down_kbps: 3000 })));
   $("simulate-form").addEventListener("submit", simulate);
