@@ -16,6 +16,10 @@ and "inner": the gateway's own time for the fetch, from its log):
   hits both contenders alike; ratios use the totals over the rounds);
 - dicomesh, 1 line: lines 2 and 3 cut (the bridge port drops everything) and declared down
   by the clinic's health monitor before the fetch starts;
+- dicomesh, serving: site 1 (one line) fetches a study only the clinic holds: one path per
+  clinic tunnel, so the clinic's three uploads serve it, each shaped by the gateway's own
+  tbf (`[net.uplinks.shape]`, 95 % of its 8 Mbit/s); "/lines" is then over the three shaped
+  upload rates and "per line" is what each clinic line sent;
 - dicomesh, line 1 cut once 30 % of the bytes arrived: compared with the ideal of 30 % at 3
   lines then 70 % at 2 (an uplink failure should cost no more than its share: the time it
   adds to the 3-line runs vs what the ideal adds), and when the clinic's health monitor and
@@ -61,6 +65,7 @@ if TYPE_CHECKING:  # tests/ helpers: imported when a bench runs (they need root 
 
 LINES = 3
 CUT_AT = 0.30
+SHAPED = 0.95  # the gateway's upload shaper: 95 % of up_kbps (each line's 8 Mbit/s here)
 MPTCP_PORT = 9100
 FETCH_TIMEOUT = 300.0
 IPPROTO_MPTCP = getattr(socket, "IPPROTO_MPTCP", 262)
@@ -81,6 +86,7 @@ class Case:
     inner: float | None = None
     # dicomesh: chunk bytes received beyond the study (tail duplicates, cancelled streams).
     beyond: float | None = None
+    line_bps: float | None = None  # each line's rate for /lines (None: the lines' download)
 
 
 def log(msg: str) -> None:
@@ -192,23 +198,36 @@ def run_mptcp(b: BondedClinic, payload: int, name: str = "MPTCP, 3 tunnels") -> 
     return Case(name, share * len(targets), seconds, LINES, rx, inner=seconds)
 
 
-def run_fetch(b: BondedClinic, info: StudyInfo, name: str, lines: int, outdir: Path) -> Case:
-    run = b.fetch(info.study_uid, FETCH_TIMEOUT)
+def run_fetch(
+    b: BondedClinic, info: StudyInfo, name: str, lines: int, outdir: Path, site: int | None = None
+) -> Case:
+    """`dicomesh fetch` at the clinic (or at site `site`), checked instance by instance."""
+    run = b.fetch(info.study_uid, FETCH_TIMEOUT, site=site)
     if run.returncode != 0:
         raise RuntimeError(f"{name}: dicomesh fetch failed: {run.output[-500:]}")
     outdir.mkdir()
-    problems = b.mismatches(info.paths, outdir)
+    problems = b.mismatches(info.paths, outdir, site=site)
     if problems:
         raise RuntimeError(f"{name}: {problems[:3]}")
-    assert b.clinic is not None
+    gw = b.clinic if site is None else b.sites[site - 1]
+    assert gw is not None
     inner = beyond = None
     done = rf"fetch {re.escape(info.study_uid)} done: .* in ([0-9.]+) s"
-    for line in b.clinic.log().splitlines():
+    for line in gw.log().splitlines():
         if found := re.search(done, line):
             inner = float(found.group(1))
             if extra := re.search(r"([0-9.]+) MB received beyond the study", line):
                 beyond = float(extra.group(1)) * 1e6
-    return Case(name, info.total_bytes, run.seconds, lines, run.rx, inner=inner, beyond=beyond)
+    per_line = run.rx if site is None else run.tx
+    return Case(name, info.total_bytes, run.seconds, lines, per_line, inner=inner, beyond=beyond)
+
+
+def run_serve(b: BondedClinic, info: StudyInfo, outdir: Path) -> Case:
+    from netswarmkit import LINE_BPS
+
+    b.site_sees(info.study_uid, site=1)
+    case = run_fetch(b, info, "dicomesh, serving site 1", LINES, outdir, site=1)
+    return replace(case, line_bps=SHAPED * LINE_BPS)
 
 
 def _logged_after(text: str, since: float, *needles: str) -> float | None:
@@ -293,18 +312,18 @@ def report(cases: dict[str, list[Case]], line_bps: int) -> None:
     print("seconds: `dicomesh fetch` start to exit (MPTCP: connect to EOF); inner: the "
           "gateway's own fetch time; beyond: MB the swarm received beyond the study")  # fmt: skip
     print(f"{'case':36s} {'MB':>6s} {'seconds':>8s} {'inner':>6s} {'Mbit/s':>7s} {'/lines':>7s}"
-          f" {'beyond':>6s}  received per line (MB)")  # fmt: skip
+          f" {'beyond':>6s}  per line (MB): received (serving: sent)")  # fmt: skip
     for runs in cases.values():
         for c in runs:
             goodput = c.payload * 8 / c.seconds
-            share = goodput / (c.lines * line_bps)
+            share = goodput / (c.lines * (c.line_bps or line_bps))
             per_line = " ".join(f"{r / 1e6:5.1f}" for r in c.rx)
             inner = f"{c.inner:6.2f}" if c.inner is not None else f"{'-':>6s}"
             beyond = f"{c.beyond / 1e6:6.2f}" if c.beyond is not None else f"{'-':>6s}"
             print(f"{c.name:36s} {c.payload / 1e6:6.1f} {c.seconds:8.2f} {inner} "
                   f"{goodput / 1e6:7.2f} {share:7.3f} {beyond}  {per_line}")  # fmt: skip
     three, one = cases.get("three"), cases.get("one")
-    mptcp, cuts = cases.get("mptcp"), cases.get("cut")
+    mptcp, cuts, serve = cases.get("mptcp"), cases.get("cut"), cases.get("serve")
 
     print()
     if three and one:
@@ -332,6 +351,13 @@ def report(cases: dict[str, list[Case]], line_bps: int) -> None:
                   f"(cost / share {cost / share:.2f}, target <= 1)")  # fmt: skip
         for note in cut.notes:
             print(f"  {note}")
+    for c in serve or []:
+        rate = WG_GOODPUT * (c.line_bps or line_bps)  # one shaped upload through WireGuard
+        goodput = c.payload * 8 / c.seconds
+        print(f"serving over the clinic's {LINES} uploads: {goodput / 1e6:.2f} Mbit/s = "
+              f"{goodput / rate:.2f}x one shaped upload's TCP-through-WireGuard rate "
+              f"(ideal {LINES}); sent per line: "
+              + " ".join(f"{t / 1e6:.1f}" for t in c.rx) + " MB")  # fmt: skip
 
 
 def main(argv: list[str]) -> int:
@@ -356,8 +382,8 @@ def main(argv: list[str]) -> int:
     from studygen import generate_study
 
     work = Path(tempfile.mkdtemp(prefix="dm-bonding-"))
-    cases: dict[str, list[Case]] = {"three": [], "mptcp": [], "cut": [], "one": []}
-    names = [*(f"three{k}" for k in range(1, a.rounds + 1)), "cut", "one"]
+    cases: dict[str, list[Case]] = {"three": [], "mptcp": [], "cut": [], "one": [], "serve": []}
+    names = [*(f"three{k}" for k in range(1, a.rounds + 1)), "cut", "one", "serve"]
     try:
         studies = {}
         for n, name in enumerate(names):
@@ -367,11 +393,15 @@ def main(argv: list[str]) -> int:
                 directory, target_bytes=int(a.size_mb * 1e6), seed=700 + n
             )
         log(f"studies generated in {work}")
-        with BondedClinic(work / "gw") as b:
+        with BondedClinic(work / "gw", serve=True) as b:
             for name in studies:
-                b.store(work / f"study-{name}")
-            for info in studies.values():
-                b.wait_held(info.study_uid, len(info.paths))
+                if name == "serve":
+                    b.store(work / f"study-{name}", clinic=True)
+                else:
+                    b.store(work / f"study-{name}")
+            for name, info in studies.items():
+                if name != "serve":
+                    b.wait_held(info.study_uid, len(info.paths))
             log("gateways up, studies held by all 3 sites")
             for k in range(1, a.rounds + 1):  # interleaved: a slow moment hits both alike
                 info = studies[f"three{k}"]
@@ -388,6 +418,10 @@ def main(argv: list[str]) -> int:
                 time.sleep(0.1)
             cases["one"].append(run_one_line(b, studies["one"], work / "got-one"))
             log(f"1 line: {cases['one'][0].seconds:.2f} s")
+            for i in (2, 3):
+                b.wait_usable(f"adsl{i}", timeout=20)
+            cases["serve"].append(run_serve(b, studies["serve"], work / "got-serve"))
+            log(f"serving: {cases['serve'][0].seconds:.2f} s")
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -219,6 +219,7 @@ def test_replica_announces_its_holding_while_the_rest_of_its_share_is_moving():
     assert running[1] == 1
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # the wildcards asked with
 def test_single_study_only_for_a_query_of_exactly_one_uid():
     def ask(**keys) -> Dataset:
         ds = Dataset()
