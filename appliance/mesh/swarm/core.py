@@ -537,8 +537,8 @@ class Scheduler:
         """Endgame: the outstanding chunk expected last that this path would bring sooner."""
         cfg = self.config
         pool = self._pool
-        rate = max(path.meter.rate, 1.0)
-        here = now + path.remaining / rate + cfg.endgame_min_gain_s
+        rate, queued = self._line_load(path)
+        here = now + queued / rate + cfg.endgame_min_gain_s
         best, best_eta = None, 0.0
         for other in self._paths.values():
             if other is path or not other.requests:
@@ -548,6 +548,11 @@ class Scheduler:
             start = other.last_activity
             late = now + (now - other.last_activity)
             other_rate = max(other.meter.rate, 1.0)
+            # Its line drains every queue on it by then at the latest: a path's own rate
+            # swings as flows on one line trade shares, and alone it made chunks look late
+            # that were not (their copies lost the race: bytes wasted).
+            line_rate, line_queued = self._line_load(other)
+            drained = now + line_queued / line_rate
             ahead = 0
             for req in other.requests.values():
                 ahead -= req.progress
@@ -557,7 +562,7 @@ class Scheduler:
                         continue
                     if req.span is not None or j in pool.pieces:
                         continue  # pieces are not duplicated
-                    eta = max(start + ahead / other_rate, late)
+                    eta = max(min(start + ahead / other_rate, drained), late)
                     if eta <= best_eta or here + pool.sizes[j] / rate >= eta:
                         continue
                     if not peer.may_serve(j) or any(
@@ -569,6 +574,16 @@ class Scheduler:
                         continue
                     best, best_eta = j, eta
         return best
+
+    def _line_load(self, path: PathRecord) -> tuple[float, float]:
+        """(rate, bytes queued) of the path's line: all our usable paths over that uplink
+        share it, so a copy sent there arrives after all of their queues, not just this
+        path's (the path alone when its line is unknown)."""
+        if path.line is None:
+            return max(path.meter.rate, 1.0), float(path.remaining)
+        same = [p for p in self._paths.values() if p.line == path.line and self._usable_path(p)]
+        same = same or [path]
+        return max(sum(p.meter.rate for p in same), 1.0), float(sum(p.remaining for p in same))
 
     # -- requests ------------------------------------------------------------------------
 
