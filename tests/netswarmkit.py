@@ -23,8 +23,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -362,6 +363,29 @@ class BondedClinic:
                 return False
             time.sleep(0.1)
         return True
+
+
+@contextlib.contextmanager
+def rx_timeline(bonded: BondedClinic, every_s: float = 0.5) -> Iterator[list[float]]:
+    """Mbit/s the clinic's lines received together in each `every_s` while the body runs
+    (a failed rate check then shows a pause apart from a uniformly slow transfer)."""
+    rates: list[float] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        last = (time.monotonic(), sum(bonded.rx_bytes()))
+        while not done.wait(every_s):  # bounded by the body: `done` is set when it ends
+            now = (time.monotonic(), sum(bonded.rx_bytes()))
+            rates.append((now[1] - last[1]) * 8 / max(now[0] - last[0], 1e-3) / 1e6)
+            last = now
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    try:
+        yield rates
+    finally:
+        done.set()
+        watcher.join(timeout=10)
 
 
 def when_received(

@@ -34,6 +34,7 @@ from netswarmkit import (
     BondedClinic,
     FetchRun,
     clinic_overlay,
+    rx_timeline,
     when_received,
 )
 from studygen import StudyInfo, generate_study
@@ -183,10 +184,14 @@ def test_mesh_serves_only_through_the_tunnels(bonded) -> None:
 def test_three_uplinks_are_all_used_at_line_rate(bonded, tmp_path) -> None:
     b, studies = bonded
     info = studies["a"]
-    run = b.fetch(info.study_uid, FETCH_TIMEOUT)
+    with rx_timeline(b) as rates:
+        run = b.fetch(info.study_uid, FETCH_TIMEOUT)
     _fetched(b, info, run, tmp_path / "got")
     yardstick = ideal(info.total_bytes, LINES)
     line = _line("3 uplinks", run, info.total_bytes, yardstick)
+    line += "; Mbit/s per 0.5 s: " + " ".join(f"{r:.0f}" for r in rates)
+    assert b.clinic is not None
+    line += "".join(f"\n{x}" for x in b.clinic.log().splitlines() if "per path:" in x)
     print("\n" + line)
     assert _shares_off(run.rx) == [], line
     assert run.rx_total >= info.total_bytes, line  # the payload came over the lines

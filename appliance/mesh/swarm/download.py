@@ -333,7 +333,7 @@ class StudyDownload:
             self._wake.clear()
         self.state.progress = sched.progress(self.clock())
         end = self.clock()
-        log.debug("[%s] per path: %s", self._tag, ", ".join(
+        log.info("[%s] per path: %s", self._tag, ", ".join(
             f"{path} {n / 1e6:.2f} MB from +{first - started:.2f} s to -{end - last:.2f} s"
             for path, (n, first, last) in sorted(self._path_span.items())))  # fmt: skip
 
