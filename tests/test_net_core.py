@@ -3,6 +3,7 @@ WireGuard planning and UAPI text (no I/O, no privileges)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 
@@ -10,8 +11,10 @@ import pytest
 
 from appliance.mesh.peers import Peer
 from appliance.net import plan
+from appliance.net.binding import UplinkBinding
 from appliance.net.config import HealthConfig
 from appliance.net.health import TRANSITIONS, Health, HealthFSM, ProbeEvent, ProbeResult
+from appliance.net.monitor import UplinkMonitor
 from appliance.net.reconcile import (
     AddAddress,
     AddRule,
@@ -364,3 +367,33 @@ def test_uapi_get_reply_parsed() -> None:
     dev, stats = parse_get("dmwg0", reply)
     assert dev == device((WgPeer(K[0], ("10.90.2.1/32",), "198.51.100.1:51820", 25),))
     assert stats[0]["rx_bytes"] == 20 and stats[0]["last_handshake_time_sec"] == 1700000000
+
+
+@pytest.mark.timeout(20)  # without the fix this hangs (stop() waits forever)
+def test_monitor_stops_even_when_a_probe_swallows_the_cancellation() -> None:
+    """stop() arrives just as a probe's answer completes: Python 3.11's asyncio.wait_for then
+    returns the answer instead of raising CancelledError (gh-86296). The monitor must end at
+    its next round anyway, not probe on forever while stop() waits for it (a CI run hung 600 s
+    in tests/test_net_lab.py on this)."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        cfg = HealthConfig(interval_s=0.05, timeout_s=0.5, down_after=3, up_after=3)
+        stopped: list[asyncio.Future] = []
+        binding = UplinkBinding("adsl1", "127.0.0.1", 0)
+
+        async def prober(targets, binding, timeout) -> ProbeResult:
+            answer = loop.create_future()
+            loop.call_soon(answer.set_result, ProbeResult(True, 0.001))
+            if not stopped:  # stop() lands in the same turns as the answer
+                stopped.append(asyncio.ensure_future(monitor.stop()))
+            return await asyncio.wait_for(answer, timeout)
+
+        monitor = UplinkMonitor("adsl1", cfg, lambda: (binding, ["x"]), lambda *a: None, prober)
+        monitor.start()
+        await asyncio.sleep(0.2)
+        assert stopped, "no probe ran"
+        done, _ = await asyncio.wait(stopped, timeout=2.0)
+        assert done, "stop() still waiting for the monitor after 2 s"
+
+    asyncio.run(body())

@@ -102,6 +102,7 @@ class NetworkManager:
         self._subscribers: list[Subscriber] = []
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._lock = asyncio.Lock()
         self.last_failures = 0
 
@@ -128,10 +129,12 @@ class NetworkManager:
             )
             self._monitors[up.name] = monitor
             monitor.start()
+        self._stopping = False
         self._loop_task = asyncio.create_task(self._reconcile_loop(), name="net-reconcile")
         log.info("network: %d uplink(s) managed", len(self.cfg.uplinks))
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
@@ -156,7 +159,8 @@ class NetworkManager:
         await self._nl.close()
 
     async def _reconcile_loop(self) -> None:
-        while True:
+        # Until stopped, also when a cancellation was swallowed (monitor.py, UplinkMonitor.stop).
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.cfg.reconcile_interval_s)
             self._wake.clear()

@@ -35,15 +35,22 @@ class UplinkMonitor:
     def __post_init__(self) -> None:
         self.fsm = HealthFSM(self.cfg)
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     @property
     def state(self) -> Health:
         return self.fsm.state
 
     def start(self) -> None:
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name=f"net-health-{self.name}")
 
     async def stop(self) -> None:
+        # The flag as well as the cancel: Python 3.11's asyncio.wait_for swallows a
+        # cancellation that arrives as the future it waits for completes (gh-86296, fixed in
+        # 3.12), e.g. a probe's reply in the same loop turn; the loop then ends at its next
+        # round instead of probing forever while stop() waits.
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -76,7 +83,7 @@ class UplinkMonitor:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         next_at = loop.time()
-        while True:
+        while not self._stopping:
             try:
                 await self.probe_once()
             except Exception:  # a bug in one probe must not end the monitoring for good
