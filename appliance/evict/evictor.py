@@ -304,7 +304,9 @@ class Evictor:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         next_full = loop.time() + self.cfg.check_after_store_s
-        while True:
+        # Until stop() (which clears _loop): also when Python 3.11's wait_for swallowed the
+        # cancel (net/monitor.py, UplinkMonitor.stop).
+        while self._loop is not None:
             timeout = max(0.0, next_full - loop.time())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._nudged.wait(), timeout)

@@ -95,6 +95,9 @@ class MeshNode:
         self._dirty: set[str] = set()
         self._dirty_event = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        # Loops end on this as well as on their cancel: Python 3.11's asyncio.wait_for can
+        # swallow a cancellation (net/monitor.py, UplinkMonitor.stop).
+        self._closing = False
         self._spawned: set[asyncio.Future] = set()
         self._downloads: dict[str, StudyDownload] = {}
         # Useful bytes received per peer by finished downloads (running ones: downloads()).
@@ -116,6 +119,7 @@ class MeshNode:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._closing = False
         self.registry.reload_if_changed()
         await self.server.start()
         self.store.add_commit_listener(self._on_commit)
@@ -138,6 +142,7 @@ class MeshNode:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        self._closing = True
         # Downloads stop too: their verified chunks are durable, and the next start resumes.
         for task in [*self._tasks, *self._spawned]:
             task.cancel()
@@ -231,7 +236,7 @@ class MeshNode:
             state.last_seen = time.time()
 
     async def _watch_registry(self) -> None:
-        while True:
+        while not self._closing:
             await asyncio.sleep(REGISTRY_POLL_S)
             if self.registry.reload_if_changed():
                 admitted = {p.name for p in self.registry.peers()}
@@ -293,7 +298,7 @@ class MeshNode:
                     log.info("catalog: %d study entries changed from %s", result, peer.name)
 
     async def _sync_loop(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 await self.sync_once()
             except Exception:
@@ -430,7 +435,7 @@ class MeshNode:
         self._dirty_event.set()
 
     async def _publisher(self) -> None:
-        while True:
+        while not self._closing:
             await self._dirty_event.wait()
             # Debounce: a study arriving instance by instance is republished once a second,
             # not once per instance.
