@@ -60,6 +60,7 @@ class WebServer:
         self.lan_nic = lan_nic
         self._lan_poll_s = lan_poll_s
         self._lan_task: asyncio.Task | None = None
+        self._stopping = False  # the watcher ends on it too (net/monitor.py: swallowed cancels)
         self._bound: set[str] = set()
         self.parts = parts
         self.logs = LogBuffer(cfg.log_lines)
@@ -169,7 +170,7 @@ class WebServer:
     async def _follow_lan(self) -> None:
         """Listen on addresses the LAN NIC gains later (DHCP lease, cable plugged in). One
         that goes away keeps its socket, which serves again if the address comes back."""
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self._lan_poll_s)
             new = [a for a in await self._lan_addresses() if a not in self._bound]
             if new:
@@ -224,6 +225,7 @@ class WebServer:
         self.api.discovery = discovery
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._lan_task is not None:
             self._lan_task.cancel()
             await asyncio.gather(self._lan_task, return_exceptions=True)
