@@ -4,9 +4,13 @@ can open the socket file can act as the administrator."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -39,3 +43,28 @@ class ControlServer:
             await self._runner.cleanup()
             self._runner = None
         self.path.unlink(missing_ok=True)
+
+
+class Progress(Protocol):
+    """Something running that says when it changed and whether it is over."""
+
+    changed: asyncio.Event
+    finished: bool
+
+
+async def stream_progress(
+    request: web.Request, state: Progress, line: Callable[[], dict[str, Any]]
+) -> web.StreamResponse:
+    """Answer with one JSON line (`line()`) now and after each change, the last one once
+    `state` is finished (control_client.stream_lines reads them); at least every 0.5 s."""
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    while True:
+        state.changed.clear()
+        await response.write((json.dumps(line()) + "\n").encode())
+        if state.finished:
+            break
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(state.changed.wait(), 0.5)
+    await response.write_eof()
+    return response

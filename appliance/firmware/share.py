@@ -30,6 +30,7 @@ import aiohttp
 from aiohttp import web
 from packaging.version import InvalidVersion, Version
 
+from appliance.control import stream_progress
 from appliance.firmware import FirmwareError, inbox
 from appliance.firmware.bundle import BundleError, peek_manifest
 from appliance.mesh.server import PEER_KEY
@@ -270,17 +271,7 @@ class UpdatePuller:
             state = await self.start(peer, force=bool(body.get("force")))
         except PullError as exc:
             raise _http_error(exc) from None
-        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        await response.prepare(request)
-        while True:
-            state.changed.clear()
-            await response.write((json.dumps(state.to_json()) + "\n").encode())
-            if state.finished:
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(state.changed.wait(), 0.5)
-        await response.write_eof()
-        return response
+        return await stream_progress(request, state, state.to_json)
 
 
 def _http_error(exc: PullError) -> web.HTTPException:

@@ -5,8 +5,6 @@ to executors, store commit notifications arrive from the writer thread."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import time
 from collections import Counter
@@ -18,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from appliance.control import stream_progress
 from appliance.mesh import protocol
 from appliance.mesh.catalog import Catalog, Change
 from appliance.mesh.catalog_model import Delta
@@ -398,17 +397,7 @@ class MeshNode:
         if not isinstance(study, str) or not 0 < len(study) <= 64:
             raise web.HTTPBadRequest(text="need a Study Instance UID\n")
         state = self.fetch(study)
-        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        await response.prepare(request)
-        while True:
-            state.changed.clear()
-            await response.write((json.dumps(_progress_line(state)) + "\n").encode())
-            if state.finished:
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(state.changed.wait(), 0.5)
-        await response.write_eof()
-        return response
+        return await stream_progress(request, state, lambda: _progress_line(state))
 
     async def _resume_downloads(self) -> None:
         """Downloads interrupted by a restart carry on (verified chunks are kept)."""
